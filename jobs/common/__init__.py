@@ -1,0 +1,1 @@
+"""Shared by every stage: configs, run directories and manifests, model references, Ray connection."""

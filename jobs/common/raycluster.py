@@ -1,0 +1,52 @@
+"""Connecting to Ray: a local cluster sized for the pipeline, or an existing one."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.common.config import doc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Ray Data's pipelines hold one actor or task per stage at once; with fewer logical CPUs than
+# stages a 2-core machine deadlocks, so a local cluster advertises at least this many.
+MIN_LOCAL_CPUS = 8
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = doc("Ray cluster to join (ray://head:10001, auto); null: RAY_ADDRESS or a new local cluster", None)
+    num_cpus: int | None = doc("logical CPUs of a new local cluster (default: max(8, cores))", None)
+    progress_bars: bool | None = doc("Ray Data's own progress bars (default: only on a terminal)", None)
+
+    def check(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
+
+
+def init_ray(cfg: RayConfig, log=print) -> str:
+    """Start or join Ray once per process; returns a one-line description."""
+    import ray
+
+    if ray.is_initialized():
+        return "Ray (already initialized)"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # A remote cluster needs our code: ship the repository as the job's working_dir.
+        runtime_env = {"working_dir": str(REPO_ROOT),
+                       "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"]}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        where = f"Ray cluster at {address}"
+    else:
+        cpus = cfg.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+        where = f"local Ray ({cpus} logical CPUs on {os.cpu_count()} cores)"
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars if cfg.progress_bars is not None else sys.stderr.isatty()
+    log(f"connected: {where}")
+    return where

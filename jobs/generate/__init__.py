@@ -1,0 +1,1 @@
+"""The generate stage: teacher CoT chains through ray.data.llm, parsed, graded, resumable."""

@@ -1,0 +1,135 @@
+"""Generate graded reasoning chains from a teacher model.
+
+Run as:
+    python -m jobs.generate --config configs/generate/quickstart.yaml out_dir=runs/q1 paths_per_problem=4
+    cotd generate --config configs/generate/quickstart.yaml --address ray://head:10001
+
+Reads problems, builds one prompt per problem and `paths_per_problem` requests per prompt, streams
+them through ray.data.llm teacher replicas, parses and grades every chain, and writes
+<out_dir>/chains/part-*.parquet plus <out_dir>/manifest.json. Re-running the same command after an
+interruption generates only the chains that are missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.common.config import ConfigError, to_dict
+from jobs.common.runs import PartWriter, clean_partial, existing_keys, read_dataset, read_json, write_json
+from jobs.generate.config import GenerateConfig
+from jobs.generate.schema import CHAIN_KEY, CHAIN_SCHEMA, ERROR, UNPARSED
+
+STAGE = "generate"
+
+
+def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
+    started = time.time()
+    run_dir, chains_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "chains"
+
+    # validate: every input is read and checked before Ray or a model starts
+    from jobs.formats.prompts import load_exemplars
+    from jobs.tasks.sources import load_problems
+
+    problems = load_problems(cfg.sources)
+    pool = load_exemplars(cfg.prompt.exemplars)
+    model_path, tokenizer = _teacher(cfg, log)
+    _claim_run_dir(cfg, run_dir, chains_dir, log)
+
+    # plan: only what the run directory does not hold yet
+    from jobs.generate.pipeline import plan_rows
+
+    removed = clean_partial(chains_dir)
+    done = existing_keys(chains_dir, CHAIN_KEY)
+    rows = plan_rows(problems, cfg, pool, tokenizer, skip=done)
+    total = len(problems) * cfg.paths_per_problem
+    log(f"{len(problems)} problems x {cfg.paths_per_problem} paths = {total} chains; "
+        f"{total - len(rows)} already in {chains_dir}{f' ({removed} partial files removed)' if removed else ''}; "
+        f"{len(rows)} to generate")
+
+    # run
+    attempt: dict[str, Any] = {"rows": 0, "output_tokens": 0, "seconds": 0.0}
+    if rows:
+        attempt = _generate(cfg, model_path, rows, chains_dir, log)
+
+    # summarize: over the whole dataset, this attempt's throughput alongside
+    from jobs.generate.report import format_table, summarize
+
+    summary = summarize(read_dataset(chains_dir))
+    manifest = {
+        "stage": STAGE, "config": to_dict(cfg), "fingerprint": cfg.fingerprint(),
+        "teacher": {"model": cfg.teacher.model, "path": model_path, "backend": cfg.teacher.backend},
+        "dataset": str(chains_dir), "summary": summary,
+        "last_attempt": {**attempt, "resumed_from": len(done),
+                         "tokens_per_s": round(attempt["output_tokens"] / attempt["seconds"], 2) if attempt["seconds"] else None,
+                         "chains_per_s": round(attempt["rows"] / attempt["seconds"], 3) if attempt["seconds"] else None},
+        "wall_seconds": round(time.time() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(run_dir / "manifest.json", manifest)
+    log("\n" + format_table(summary))
+    if attempt["seconds"]:
+        log(f"this run: {attempt['rows']} chains, {attempt['output_tokens']} output tokens in {attempt['seconds']:.1f}s "
+            f"({manifest['last_attempt']['tokens_per_s']} tok/s)")
+    log(f"chains: {chains_dir}\nmanifest: {run_dir / 'manifest.json'}")
+    return manifest
+
+
+def _teacher(cfg: GenerateConfig, log) -> tuple[str | None, Any]:
+    """The teacher's local path and tokenizer (vLLM backend); an HTTP teacher needs neither."""
+    if cfg.teacher.backend == "openai":
+        return None, None
+    from transformers import AutoTokenizer
+
+    from jobs.common.models import resolve
+
+    path = resolve(cfg.teacher.model, log=log)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def _claim_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path, log) -> None:
+    """Refuse to mix chains made under another teacher, prompt or sampling setup into one dataset."""
+    marker = run_dir / "run.json"
+    if cfg.overwrite and chains_dir.exists():
+        log(f"overwrite=true: deleting {chains_dir}")
+        shutil.rmtree(chains_dir)
+    if marker.is_file() and chains_dir.exists():
+        before = read_json(marker).get("fingerprint")
+        if before != cfg.fingerprint():
+            diff = sorted(k for k in cfg.fingerprint() if (before or {}).get(k) != cfg.fingerprint()[k])
+            raise ConfigError(
+                f"{run_dir} holds chains made with a different {', '.join(diff)}; resuming would mix them. "
+                "Use another out_dir, or overwrite=true to start over.")
+    write_json(marker, {"stage": STAGE, "fingerprint": cfg.fingerprint()})
+
+
+def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], chains_dir: Path, log) -> dict[str, Any]:
+    import ray
+
+    from jobs.common.progress import Progress
+    from jobs.common.raycluster import init_ray
+    from jobs.generate.pipeline import FinishBatch, build_teacher
+
+    init_ray(cfg.ray, log=log)
+    blocks = max(1, min(len(rows) // cfg.teacher.batch_size, 200))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = build_teacher(cfg, model_path)(ds)
+    ds = ds.map_batches(FinishBatch(cfg.sampling.max_tokens), batch_format="pyarrow", batch_size=cfg.write_rows)
+
+    writer = PartWriter(chains_dir, CHAIN_SCHEMA)
+    progress = Progress(len(rows), STAGE, log=log)
+    try:
+        for batch in ds.iter_batches(batch_size=cfg.write_rows, batch_format="pyarrow"):
+            writer.write(batch)
+            status = batch.column("status").to_pylist()
+            correct = batch.column("correct").to_pylist()
+            progress.update(batch.num_rows, tokens=sum(batch.column("output_tokens").to_pylist()),
+                            correct=sum(1 for c in correct if c), unparsed=status.count(UNPARSED),
+                            errors=status.count(ERROR))
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: {progress.rows} chains of this run are saved in {chains_dir}; "
+            "run the same command again to generate the rest")
+        raise
+    return {"rows": progress.rows, "output_tokens": progress.tokens, "seconds": round(progress.elapsed(), 2)}

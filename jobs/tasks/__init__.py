@@ -1,0 +1,1 @@
+"""Problem sources (reasoning-gym, files, HF datasets) and answer verifiers."""
