@@ -171,7 +171,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
 def _convert_tagged(options: list[type], value: Any, source: str, key: str) -> Any:
     """A union of dataclasses is told apart by its `type` field (a Literal)."""
     value = _plain(value)
-    tags = {typing.get_args(typing.get_type_hints(o)["type"])[0]: o for o in options}
+    tags = {tag: o for o in options for tag in typing.get_args(typing.get_type_hints(o)["type"])}
     if not isinstance(value, dict) or "type" not in value:
         raise ConfigError(f"{source}: {key}: expected a mapping with a 'type' key (one of {', '.join(map(repr, tags))})")
     if value["type"] not in tags:

@@ -103,7 +103,7 @@ def _hub_snapshot(ref: str) -> str:
         return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # offline, unknown, gated: one message for all
         raise ModelError(
-            f"model {ref!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {str(e)[:160]}). "
+            f"model {ref!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {' '.join(str(e).split())[:160]}). "
             f"Offline, use a local folder or a packaged model: {', '.join(PACKAGED)} (`cotd models list`).") from None
 
 

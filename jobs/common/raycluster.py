@@ -33,16 +33,19 @@ def init_ray(cfg: RayConfig, log=print) -> str:
     if ray.is_initialized():
         return "Ray (already initialized)"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # vLLM logs every engine step at INFO; our progress lines say what matters
+    env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if address:
         # A remote cluster needs our code: ship the repository as the job's working_dir.
         runtime_env = {"working_dir": str(REPO_ROOT),
-                       "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"]}
+                       "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"],
+                       "env_vars": env_vars}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         where = f"Ray cluster at {address}"
     else:
         cpus = cfg.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+                 runtime_env={"env_vars": {**env_vars, "PYTHONPATH": str(REPO_ROOT)}})
         where = f"local Ray ({cpus} logical CPUs on {os.cpu_count()} cores)"
     from ray.data import DataContext
 

@@ -192,7 +192,7 @@ def hf_problems(src: HFSource) -> list[Problem]:
         ds = datasets.load_dataset(src.name, src.subset, split=src.split)
     except Exception as e:  # offline, unknown id, gated: all reach the user the same way
         raise SourceError(
-            f"hf source {src.name!r}: could not load it ({type(e).__name__}: {str(e)[:200]}). "
+            f"hf source {src.name!r}: could not load it ({type(e).__name__}: {' '.join(str(e).split())[:200]}). "
             "Is the Hugging Face hub reachable (or the dataset in the local cache)? "
             "Offline, export it to JSONL/Parquet and use a 'jsonl' or 'parquet' source.") from None
     records = ((f"{src.name}[{src.split}] row {i}", r) for i, r in enumerate(ds))

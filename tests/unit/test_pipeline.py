@@ -1,0 +1,93 @@
+"""Planning requests (resume included) and turning engine outputs into graded chain rows."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from jobs.common.config import build
+from jobs.formats.prompts import load_exemplars
+from jobs.generate.config import GenerateConfig
+from jobs.generate.pipeline import HTTPRequest, VLLMRequest, chain_seed, finish_rows, plan_rows
+from jobs.generate.report import format_table, summarize
+from jobs.generate.schema import CHAIN_SCHEMA
+from jobs.tasks.sources import load_problems
+
+CFG = build(GenerateConfig, {
+    "out_dir": "runs/t", "teacher": {"model": "m"}, "paths_per_problem": 3, "seed": 11,
+    "sources": [{"type": "reasoning_gym", "tasks": [{"name": "chain_sum", "size": 2}, {"name": "syllogism", "size": 1}]}],
+    "prompt": {"format": "post", "few_shot": 1},
+})
+
+
+def planned(skip=frozenset()):
+    return plan_rows(load_problems(CFG.sources), CFG, load_exemplars(), tokenizer=None, skip=skip)
+
+
+def test_plan_one_row_per_problem_and_path_with_distinct_reproducible_seeds():
+    rows = planned()
+    assert len(rows) == 9
+    assert len({(r["problem_id"], r["path_index"]) for r in rows}) == 9
+    assert len({r["seed"] for r in rows}) == 9
+    assert [r["seed"] for r in rows] == [r["seed"] for r in planned()]
+    assert all(0 <= r["seed"] < 2**63 for r in rows)
+    msgs = json.loads(rows[0]["prompt_messages"])
+    assert msgs[-1]["content"] == rows[0]["question"] and rows[0]["format"] == "post"
+    assert rows[0]["exemplar_ids"] and rows[0]["prompt"] is None  # no tokenizer: an HTTP teacher
+
+
+def test_plan_skips_what_is_done():
+    rows = planned()
+    done = {(r["problem_id"], r["path_index"]) for r in rows[:4]}
+    rest = planned(skip=done)
+    assert {(r["problem_id"], r["path_index"]) for r in rest} == {(r["problem_id"], r["path_index"]) for r in rows[4:]}
+
+
+def test_seed_depends_on_every_part():
+    assert len({chain_seed(0, "p", 0), chain_seed(1, "p", 0), chain_seed(0, "q", 0), chain_seed(0, "p", 1)}) == 4
+
+
+def test_requests_carry_seeds_only_when_asked():
+    row = planned()[0] | {"prompt": "PROMPT"}
+    assert "seed" not in VLLMRequest(CFG.sampling, seeded=False)(row)["sampling_params"]
+    req = VLLMRequest(CFG.sampling, seeded=True)(row)
+    assert req["prompt"] == "PROMPT" and req["sampling_params"]["seed"] == row["seed"]
+    payload = HTTPRequest(CFG.sampling, "teacher-x", seeded=True)(row)["payload"]
+    assert payload["model"] == "teacher-x" and payload["messages"] == json.loads(row["prompt_messages"])
+    assert payload["max_tokens"] == CFG.sampling.max_tokens
+
+
+def engine_rows():
+    rows = planned()[:5]
+    gold = rows[0]["gold_answer"]
+    rows[0] |= {"generated_text": f"Answer: {gold}\nReasoning:\nStep 1: add\nStep 2: done", "num_generated_tokens": 20,
+                "num_input_tokens": 100, "time_taken_llm": 1.5, "__inference_error__": ""}
+    rows[1] |= {"generated_text": "Answer: -99999\nReasoning:\nStep 1: guess", "num_generated_tokens": 512,
+                "num_input_tokens": 100, "time_taken_llm": 1.0, "__inference_error__": ""}
+    rows[2] |= {"generated_text": "I am not sure", "num_generated_tokens": 5, "num_input_tokens": 100,
+                "time_taken_llm": 1.0, "__inference_error__": ""}
+    rows[3] |= {"__inference_error__": "ValueError: prompt (4000 tokens) is longer than max_model_len"}
+    rows[4] |= {"http_response": {"error": {"message": "context length exceeded", "code": 400}}}
+    return rows
+
+
+def test_finish_rows_parses_grades_and_keeps_failures():
+    out = finish_rows(engine_rows(), max_tokens=512)
+    assert [r["status"] for r in out] == ["ok", "ok", "unparsed", "error", "error"]
+    assert [r["correct"] for r in out] == [True, False, False, None, None]
+    assert out[0]["steps"] == ["add", "done"] and out[0]["num_steps"] == 2 and out[0]["output_tokens"] == 20
+    assert out[1]["finish_reason"] == "length" and out[0]["finish_reason"] == "stop"
+    assert "max_model_len" in out[3]["error"] and "context length" in out[4]["error"]
+    table = pa.Table.from_pylist(out, schema=CHAIN_SCHEMA)  # the documented schema holds every row
+    summary = summarize(table)
+    assert summary["status"] == {"ok": 2, "unparsed": 1, "error": 2}
+    assert summary["by_category"]["math"]["graded"] == 3 and summary["duplicates"] == 0
+    assert "total" in format_table(summary)
+
+
+def test_http_response_is_read():
+    row = planned()[0] | {"http_response": {"choices": [{"message": {"content": "Answer: 1"}, "finish_reason": "stop"}],
+                                            "usage": {"prompt_tokens": 7, "completion_tokens": 3}}}
+    out = finish_rows([row], max_tokens=512)[0]
+    assert (out["chain"], out["prompt_tokens"], out["output_tokens"], out["answer"]) == ("Answer: 1", 7, 3, "1")
