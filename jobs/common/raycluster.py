@@ -36,10 +36,12 @@ def init_ray(cfg: RayConfig, log=print) -> str:
     # vLLM logs every engine step at INFO; our progress lines say what matters
     env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if address:
-        # A remote cluster needs our code: ship the repository as the job's working_dir.
-        runtime_env = {"working_dir": str(REPO_ROOT),
-                       "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"],
-                       "env_vars": env_vars}
+        runtime_env = {"env_vars": env_vars}
+        if address.startswith("ray://"):
+            # Ray Client from outside the cluster: ship the repository as the working_dir. A job
+            # submitted with `ray job submit --working-dir .` already has it.
+            runtime_env["working_dir"] = str(REPO_ROOT)
+            runtime_env["excludes"] = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"]
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         where = f"Ray cluster at {address}"
     else:

@@ -61,6 +61,7 @@ class SamplingConfig:
     temperature: float = doc("sampling temperature (> 0 so that paths differ)", 0.8)
     top_p: float = doc("nucleus sampling mass", 0.95)
     max_tokens: int = doc("longest chain, in tokens", 512)
+    extra: dict[str, Any] = doc("further vLLM SamplingParams / OpenAI request fields, e.g. {ignore_eos: true}", {})
 
     def check(self) -> None:
         if self.temperature < 0:

@@ -55,7 +55,7 @@ def plan_rows(problems: list[Problem], cfg: GenerateConfig, pool: list[Exemplar]
 
 
 def sampling_params(s: SamplingConfig, seed: int | None) -> dict[str, Any]:
-    params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+    params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, **s.extra}
     if seed is not None:
         params["seed"] = seed
     return params

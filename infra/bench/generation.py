@@ -1,0 +1,129 @@
+"""Teacher generation throughput: the cotd pipeline (Ray Data + ray.data.llm + parsing, grading and
+Parquet writing) against a plain `vllm.LLM.chat` loop over the same prompts, in one run.
+
+Run as:
+    .venv/bin/python infra/bench/generation.py                      # 64 problems x 4 paths, SmolLM2-135M
+    .venv/bin/python infra/bench/generation.py --problems 128 --max-tokens 128 --model qwen2.5-coder-0.5b-instruct
+
+Both sides produce exactly problems x paths x max_tokens output tokens (`ignore_eos`), each in its own
+process (so neither inherits the other's engine or memory), and are timed end to end from a cold start:
+the plain loop from `vllm.LLM(...)` to its last output, cotd from `main()` to its manifest (Ray start-up
+included). Prints both rates and their ratio; the target on a 2-core CPU machine is >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def build_config(args, out_dir: str):
+    from jobs.common.config import build
+    from jobs.generate.config import GenerateConfig
+
+    return build(GenerateConfig, {
+        "out_dir": out_dir, "paths_per_problem": args.paths, "write_rows": 64,
+        "sources": [{"type": "reasoning_gym", "tasks": [{"name": "basic_arithmetic", "size": args.problems, "seed": 7}]}],
+        "teacher": {"model": args.model, "max_model_len": args.max_model_len, "batch_size": args.batch_size,
+                    "max_concurrent_batches": args.concurrent_batches},
+        "sampling": {"max_tokens": args.max_tokens, "temperature": 0.8, "extra": {"ignore_eos": True}},
+        "prompt": {"few_shot": 2},
+    })
+
+
+def run_plain(args) -> dict:
+    """The baseline: the same templated prompts, one `LLM.chat` call, all requests at once."""
+    import json as _json
+
+    from vllm import LLM, SamplingParams
+
+    from jobs.common.models import resolve
+    from jobs.formats.prompts import load_exemplars
+    from jobs.generate.pipeline import plan_rows
+    from jobs.tasks.sources import load_problems
+
+    cfg = build_config(args, "unused")
+    rows = plan_rows(load_problems(cfg.sources), cfg, load_exemplars(), tokenizer=None)
+    conversations = [_json.loads(r["prompt_messages"]) for r in rows]
+    path = resolve(args.model)
+    t0 = time.perf_counter()
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=args.max_model_len, enforce_eager=True,
+              gpu_memory_utilization=0.4)
+    t1 = time.perf_counter()
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True)
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    t2 = time.perf_counter()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"chains": len(outputs), "output_tokens": tokens, "seconds": t2 - t0, "generate_seconds": t2 - t1}
+
+
+def run_cotd(args) -> dict:
+    from jobs.generate.main import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(args, str(Path(tmp) / "run"))
+        t0 = time.perf_counter()
+        manifest = main(cfg, log=lambda *_: None)
+        t1 = time.perf_counter()
+    s = manifest["summary"]
+    return {"chains": s["chains"], "output_tokens": s["output_tokens"], "seconds": t1 - t0,
+            "generate_seconds": manifest["last_attempt"]["seconds"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--paths", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--concurrent-batches", type=int, default=4)
+    ap.add_argument("--only", choices=["plain", "cotd"], help=argparse.SUPPRESS)  # one side, in a child process
+    args = ap.parse_args()
+
+    if args.only:
+        result = run_plain(args) if args.only == "plain" else run_cotd(args)
+        print("RESULT " + json.dumps(result))
+        return
+
+    from jobs.common.models import resolve
+
+    resolve(args.model)  # pull once, outside the timed runs
+    results = {}
+    for side in ("plain", "cotd"):
+        cmd = [sys.executable, __file__, "--only", side] + [a for a in sys.argv[1:]]
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+               "VLLM_LOGGING_LEVEL": "WARNING"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.exit(f"{side} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(line[0][7:])
+
+    p, c = results["plain"], results["cotd"]
+    if p["output_tokens"] != c["output_tokens"]:
+        sys.exit(f"the two sides did different work: {p['output_tokens']} vs {c['output_tokens']} tokens")
+    rate_p, rate_c = p["output_tokens"] / p["seconds"], c["output_tokens"] / c["seconds"]
+    gen_p, gen_c = p["output_tokens"] / p["generate_seconds"], c["output_tokens"] / c["generate_seconds"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; model {args.model}")
+    print(f"work: {p['chains']} chains x {args.max_tokens} tokens = {p['output_tokens']} output tokens")
+    print(f"plain vllm.LLM.chat : {p['seconds']:7.1f} s end to end  {rate_p:7.1f} tok/s   "
+          f"(generation alone {p['generate_seconds']:.1f} s, {gen_p:.1f} tok/s)")
+    print(f"cotd generate       : {c['seconds']:7.1f} s end to end  {rate_c:7.1f} tok/s   "
+          f"(streaming phase {c['generate_seconds']:.1f} s, {gen_c:.1f} tok/s)")
+    print(f"ratio cotd/plain (end to end tok/s): {rate_c / rate_p:.3f}   target >= 0.9")
+
+
+if __name__ == "__main__":
+    main()
