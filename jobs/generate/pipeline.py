@@ -129,8 +129,9 @@ def engine_output(row: dict[str, Any], max_tokens: int) -> tuple[str | None, int
     err = row.get("__inference_error__") or ""
     if "http_response" in row and row["http_response"] is not None:
         resp = row["http_response"]
-        if "error" in resp or not resp.get("choices"):
-            return None, 0, 0, 0.0, "error", f"teacher server: {json.dumps(resp.get('error', resp))[:500]}"
+        # Arrow unifies response structs across a batch, so an absent field comes back as None
+        if resp.get("error") or not resp.get("choices"):
+            return None, 0, 0, 0.0, "error", f"teacher server: {json.dumps(resp.get('error') or resp, default=str)[:500]}"
         choice, usage = resp["choices"][0], resp.get("usage") or {}
         return (choice["message"].get("content") or "", int(usage.get("prompt_tokens") or 0),
                 int(usage.get("completion_tokens") or 0), 0.0, choice.get("finish_reason") or "", "")

@@ -88,7 +88,7 @@ def test_http_teacher_generates_grades_retries_and_records_errors(tmp_path, teac
     assert len(rows) == 6
     good = [r for r in rows if "TOO LONG" not in r["question"]]
     bad = [r for r in rows if "TOO LONG" in r["question"]]
-    assert all(r["status"] == "ok" and r["correct"] and r["output_tokens"] == 12 for r in good)
+    assert all(r["status"] == "ok" and r["correct"] and r["output_tokens"] == 12 for r in good), good
     assert all(r["status"] == "error" and "maximum context length" in r["error"] for r in bad)
     assert manifest["summary"]["status"] == {"ok": 4, "unparsed": 0, "error": 2}
 

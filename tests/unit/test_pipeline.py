@@ -87,7 +87,7 @@ def test_finish_rows_parses_grades_and_keeps_failures():
 
 
 def test_http_response_is_read():
-    row = planned()[0] | {"http_response": {"choices": [{"message": {"content": "Answer: 1"}, "finish_reason": "stop"}],
+    row = planned()[0] | {"http_response": {"error": None, "choices": [{"message": {"content": "Answer: 1"}, "finish_reason": "stop"}],
                                             "usage": {"prompt_tokens": 7, "completion_tokens": 3}}}
     out = finish_rows([row], max_tokens=512)[0]
     assert (out["chain"], out["prompt_tokens"], out["output_tokens"], out["answer"]) == ("Answer: 1", 7, 3, "1")
