@@ -52,3 +52,15 @@ def ray_session():
     init_ray(RayConfig(), log=lambda *_: None)
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU (and vLLM's GPU build); elsewhere they are skipped, by name."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with vLLM's GPU build; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -45,6 +45,11 @@ def init_ray(cfg: RayConfig, log=print) -> str:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         where = f"Ray cluster at {address}"
     else:
+        # Ray starts workers at nice 15, below its own daemons and the driver; on a small machine
+        # that starves the teacher engine (measured in docs/benchmarks.md). A local cluster runs
+        # them at normal priority, as a plain vLLM process would.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         cpus = cfg.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {**env_vars, "PYTHONPATH": str(REPO_ROOT)}})
@@ -53,5 +58,10 @@ def init_ray(cfg: RayConfig, log=print) -> str:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars if cfg.progress_bars is not None else sys.stderr.isatty()
+    # cotd reports its own progress and summary; Ray Data's per-node metrics, object-location
+    # lookups and automatic stats logging only cost CPU here
+    ctx.enable_per_node_metrics = False
+    ctx.enable_get_object_locations_for_metrics = False
+    ctx.enable_auto_log_stats = False
     log(f"connected: {where}")
     return where

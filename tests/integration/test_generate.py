@@ -50,13 +50,21 @@ def keys(run_dir):
 
 
 def test_generate_writes_graded_chains_and_manifest(tmp_path, tiny_model, ray_session):
+    # one problem too long for the engine: its rows must fail alone, with the engine's reason
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text(json.dumps({"question": "Add these up: " + " + ".join(["7"] * 3000), "answer": "21000"}) + "\n")
+    sources = MIX + [{"type": "jsonl", "path": str(long_file), "category": "stress"}]
     lines = []
-    manifest = main(config(tmp_path / "run", tiny_model), log=lines.append)
+    manifest = main(config(tmp_path / "run", tiny_model, sources=sources), log=lines.append)
 
     table = pq.read_table(tmp_path / "run" / "chains")
     assert table.schema.equals(CHAIN_SCHEMA)
     rows = table.to_pylist()
-    assert len(rows) == 14 and len(set(keys(tmp_path / "run"))) == 14
+    assert len(rows) == 16 and len(set(keys(tmp_path / "run"))) == 16
+    failed = [r for r in rows if r["category"] == "stress"]
+    rows = [r for r in rows if r["category"] != "stress"]
+    assert [r["status"] for r in failed] == ["error", "error"]
+    assert all("max_model_len" in r["error"] or "maximum" in r["error"] or "longer" in r["error"] for r in failed), failed[0]["error"]
     assert {r["category"] for r in rows} == {"math", "temporal", "logic"}
     assert {r["path_index"] for r in rows} == {0, 1}
     for r in rows:
@@ -73,11 +81,12 @@ def test_generate_writes_graded_chains_and_manifest(tmp_path, tiny_model, ray_se
 
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert on_disk["summary"] == manifest["summary"]
-    assert on_disk["summary"]["chains"] == 14 and on_disk["summary"]["duplicates"] == 0
-    assert set(on_disk["summary"]["by_category"]) == {"math", "temporal", "logic"}
-    assert on_disk["last_attempt"]["rows"] == 14 and on_disk["last_attempt"]["tokens_per_s"] > 0
+    assert on_disk["summary"]["chains"] == 16 and on_disk["summary"]["duplicates"] == 0
+    assert on_disk["summary"]["status"]["error"] == 2
+    assert set(on_disk["summary"]["by_category"]) == {"math", "temporal", "logic", "stress"}
+    assert on_disk["last_attempt"]["rows"] == 16 and on_disk["last_attempt"]["tokens_per_s"] > 0
     assert on_disk["config"]["paths_per_problem"] == 2
-    assert any(line.startswith("[generate] 14/14") for line in lines)  # progress
+    assert any(line.startswith("[generate] 16/16") for line in lines)  # progress
     assert any("accuracy" in line for line in lines)                  # summary table
 
 
