@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jobs.common.config import doc
+from jobs.common.config import doc, to_dict
 from jobs.common.raycluster import RayConfig
 from jobs.formats.cot import check_granularity
 from jobs.tasks.sources import Source
@@ -111,7 +111,5 @@ class GenerateConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes chains comparable: a resumed run must match it."""
-        from jobs.common.config import to_dict
-
         return {"teacher": self.teacher.model, "served_model": self.teacher.served_model,
                 "sampling": to_dict(self.sampling), "prompt": to_dict(self.prompt), "seed": self.seed}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 # Verifier names a problem may carry: how an answer to it is checked.
@@ -25,13 +25,6 @@ class Problem:
     source: str        # where it came from: "reasoning_gym:chain_sum", "jsonl:data/x.jsonl", ...
     verifier: str      # see VERIFIERS; "rg:<task>" for reasoning-gym
     metadata: str      # JSON text: the source's own data (reasoning-gym's entry metadata, extra fields)
-
-    def to_row(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Problem":
-        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
 
 
 def stable_id(*parts: Any) -> str:
