@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from jobs.formats.cot import ANSWER_MARKER, REASONING_MARKER
+from jobs.formats.cot import REASONING_MARKER
 
 _ANSWER_LINE = re.compile(r"^\s*(?:\*\*)?(?:final\s+)?answer(?:\*\*)?\s*[:：](?:\*\*)?\s*(.*)$", re.IGNORECASE | re.MULTILINE)
 _STEP_MARK = re.compile(r"^\s*(?:\*\*)?step\s*\d+\s*(?:\*\*)?\s*[:.)-]\s*(?:\*\*)?", re.IGNORECASE | re.MULTILINE)
@@ -85,5 +85,3 @@ def parse_chain(text: str, fmt: str = "pre") -> Parsed:
     answer, source = extract_answer(text, fmt)
     return Parsed(answer=answer, answer_source=source, steps=split_steps(text))
 
-
-__all__ = ["ANSWER_MARKER", "Parsed", "extract_answer", "last_boxed", "parse_chain", "split_steps"]
