@@ -1,9 +1,11 @@
 """The `cotd` command.
 
     cotd generate --config FILE [key=value ...] [--address ADDR]
+    cotd curate --config FILE [key=value ...] [--address ADDR]
+    cotd train --config FILE [key=value ...] [--address ADDR]
     cotd models list | cotd models pull NAME [NAME ...]
     cotd tasks                      reasoning-gym tasks and the category each maps to
-    cotd config generate            every key of a stage's config, with its default and meaning
+    cotd config STAGE               every key of a stage's config, with its default and meaning
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import sys
 
 from jobs.common.config import ConfigError
 
-STAGES = {"generate": ("jobs.generate.config", "GenerateConfig", "jobs.generate.main")}
+STAGES = {"generate": ("jobs.generate.config", "GenerateConfig", "jobs.generate.main"),
+          "curate": ("jobs.curate.config", "CurateConfig", "jobs.curate.main"),
+          "train": ("jobs.train.config", "TrainConfig", "jobs.train.main")}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jobs.common.models import ModelError
+    from jobs.curate.main import CurateError
     from jobs.tasks.sources import SourceError
+    from jobs.train.main import TrainError
 
-    return (ConfigError, ModelError, SourceError)
+    return (ConfigError, ModelError, SourceError, CurateError, TrainError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,18 +206,20 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(key, doc, default) for every field, nested sections included; used by `cotd config`."""
+def field_docs(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any]]:
+    """(key, doc, default) for every field, nested sections included; used by `cotd config`.
+    A section whose default is an instance documents that instance's values."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = _key(prefix, f.name)
         tp = hints[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"))
         if dataclasses.is_dataclass(tp):
-            rows.extend(field_docs(tp, key))
+            rows.extend(field_docs(tp, key, default if dataclasses.is_dataclass(default) else None))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         rows.append((key, f.metadata.get("doc", ""), default))
     return rows
 

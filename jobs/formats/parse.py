@@ -81,6 +81,14 @@ def split_steps(text: str) -> list[str]:
     return [" ".join(p.split()) for p in parts if p.strip()]
 
 
+def first_answer_line(text: str) -> tuple[int, int] | None:
+    """(start, end) of the first answer-marker line that states an answer, if any."""
+    for m in _ANSWER_LINE.finditer(text):
+        if m.group(1).strip():
+            return m.start(), m.end()
+    return None
+
+
 def parse_chain(text: str, fmt: str = "pre") -> Parsed:
     answer, source = extract_answer(text, fmt)
     return Parsed(answer=answer, answer_source=source, steps=split_steps(text))

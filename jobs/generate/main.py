@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common.config import ConfigError, to_dict
-from jobs.common.runs import PartWriter, clean_partial, existing_keys, read_dataset, read_json, write_json
+from jobs.common.runs import clean_partial, existing_keys, read_dataset, read_json, write_json
 from jobs.generate.config import GenerateConfig
 from jobs.generate.schema import CHAIN_KEY, CHAIN_SCHEMA, ERROR, UNPARSED
 
@@ -35,7 +35,9 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
 
     problems = load_problems(cfg.sources)
     pool = load_exemplars(cfg.prompt.exemplars)
-    model_path, tokenizer = _teacher(cfg, log)
+    from jobs.common.llm import load_model
+
+    model_path, tokenizer = load_model(cfg.teacher, log)
     _claim_run_dir(cfg, run_dir, chains_dir, log)
 
     # plan: only what the run directory does not hold yet
@@ -77,18 +79,6 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     return manifest
 
 
-def _teacher(cfg: GenerateConfig, log) -> tuple[str | None, Any]:
-    """The teacher's local path and tokenizer (vLLM backend); an HTTP teacher needs neither."""
-    if cfg.teacher.backend == "openai":
-        return None, None
-    from transformers import AutoTokenizer
-
-    from jobs.common.models import resolve
-
-    path = resolve(cfg.teacher.model, log=log)
-    return path, AutoTokenizer.from_pretrained(path)
-
-
 def _claim_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path, log) -> None:
     """Refuse to mix chains made under another teacher, prompt or sampling setup into one dataset."""
     marker = run_dir / "run.json"
@@ -106,30 +96,18 @@ def _claim_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path, log) ->
 
 
 def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], chains_dir: Path, log) -> dict[str, Any]:
-    import ray
+    from functools import partial
 
-    from jobs.common.progress import Progress
-    from jobs.common.raycluster import init_ray
-    from jobs.generate.pipeline import FinishBatch, build_teacher
+    from jobs.common.llm import run_llm
+    from jobs.generate.pipeline import finish_rows
 
-    init_ray(cfg.ray, log=log)
-    blocks = max(1, min(len(rows) // cfg.teacher.batch_size, 200))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = build_teacher(cfg, model_path)(ds)
-    ds = ds.map_batches(FinishBatch(cfg.sampling.max_tokens), batch_format="pyarrow", batch_size=cfg.write_rows)
+    def counts(batch) -> dict[str, int]:
+        status = batch.column("status").to_pylist()
+        return {"tokens": sum(batch.column("output_tokens").to_pylist()),
+                "correct": sum(1 for c in batch.column("correct").to_pylist() if c),
+                "unparsed": status.count(UNPARSED), "errors": status.count(ERROR)}
 
-    writer = PartWriter(chains_dir, CHAIN_SCHEMA)
-    progress = Progress(len(rows), STAGE, log=log)
-    try:
-        for batch in ds.iter_batches(batch_size=cfg.write_rows, batch_format="pyarrow"):
-            writer.write(batch)
-            status = batch.column("status").to_pylist()
-            correct = batch.column("correct").to_pylist()
-            progress.update(batch.num_rows, tokens=sum(batch.column("output_tokens").to_pylist()),
-                            correct=sum(1 for c in correct if c), unparsed=status.count(UNPARSED),
-                            errors=status.count(ERROR))
-    except KeyboardInterrupt:
-        log(f"\ninterrupted: {progress.rows} chains of this run are saved in {chains_dir}; "
-            "run the same command again to generate the rest")
-        raise
-    return {"rows": progress.rows, "output_tokens": progress.tokens, "seconds": round(progress.elapsed(), 2)}
+    return run_llm(rows, llm=cfg.teacher, sampling=cfg.sampling, model_path=model_path,
+                   finish=partial(finish_rows, max_tokens=cfg.sampling.max_tokens), schema=CHAIN_SCHEMA,
+                   folder=chains_dir, ray_cfg=cfg.ray, label=STAGE, write_rows=cfg.write_rows,
+                   counts=counts, log=log)

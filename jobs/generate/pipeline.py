@@ -1,21 +1,18 @@
-"""The generate stage's logic: plan one request row per (problem, path), build the teacher
-processor (ray.data.llm), and turn engine outputs into graded chain rows.
-
-`plan_rows` and `finish_rows` are plain functions (tested without Ray); `build_teacher` is the only
-place that touches ray.data.llm.
+"""The generate stage's logic: plan one request row per (problem, path), and turn the teacher's
+outputs into graded chain rows. Plain functions, tested without Ray; jobs.common.llm runs them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any
 
 from jobs.formats.parse import parse_chain
 from jobs.formats.prompts import Exemplar, apply_chat_template, build_messages, select_exemplars
 from jobs.formats.cot import resolve_format
-from jobs.generate.config import GenerateConfig, SamplingConfig, TeacherConfig
+from jobs.common.llm import engine_output
+from jobs.generate.config import GenerateConfig
 from jobs.generate.schema import CHAIN_SCHEMA, ERROR, OK, UNPARSED
 from jobs.tasks.problem import Problem
 from jobs.tasks.verify import CORRECT_AT, score
@@ -54,95 +51,6 @@ def plan_rows(problems: list[Problem], cfg: GenerateConfig, pool: list[Exemplar]
     return rows
 
 
-def sampling_params(s: SamplingConfig, seed: int | None) -> dict[str, Any]:
-    params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, **s.extra}
-    if seed is not None:
-        params["seed"] = seed
-    return params
-
-
-class VLLMRequest:
-    """preprocess for the vLLM processor: the engine's prompt and sampling parameters."""
-
-    def __init__(self, sampling: SamplingConfig, seeded: bool):
-        self.sampling, self.seeded = sampling, seeded
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"prompt": row["prompt"], "sampling_params": sampling_params(self.sampling, row["seed"] if self.seeded else None)}
-
-
-class HTTPRequest:
-    """preprocess for the HTTP processor: an OpenAI chat-completions payload."""
-
-    def __init__(self, sampling: SamplingConfig, model: str, seeded: bool):
-        self.sampling, self.model, self.seeded = sampling, model, seeded
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        payload = {"model": self.model, "messages": json.loads(row["prompt_messages"]),
-                   **sampling_params(self.sampling, row["seed"] if self.seeded else None)}
-        return {"payload": payload}
-
-
-def engine_kwargs(t: TeacherConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {"dtype": t.dtype, "max_model_len": t.max_model_len,
-                          "gpu_memory_utilization": t.gpu_memory_utilization,
-                          "tensor_parallel_size": t.tensor_parallel_size}
-    if not t.use_gpu:
-        kw["enforce_eager"] = True  # no CUDA graphs on CPU
-    kw.update(t.engine_kwargs)
-    return kw
-
-
-def build_teacher(cfg: GenerateConfig, model_path: str):
-    """The ray.data.llm processor for the configured teacher."""
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
-
-    t = cfg.teacher
-    if t.backend == "openai":
-        key = os.environ.get(t.api_key_env)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        proc_cfg = HttpRequestProcessorConfig(
-            url=t.base_url.rstrip("/") + "/chat/completions", headers=headers, qps=t.qps,
-            max_retries=t.max_retries, concurrency=t.http_concurrency, batch_size=t.batch_size)
-        return build_processor(proc_cfg, preprocess=HTTPRequest(cfg.sampling, t.served_model or t.model, t.seeds_to_engine()))
-    placement = None
-    if not t.use_gpu:
-        placement = {"bundles": [{"CPU": t.cpus_per_replica}] * t.tensor_parallel_size}
-    proc_cfg = vLLMEngineProcessorConfig(
-        model_source=model_path,
-        engine_kwargs=engine_kwargs(t),
-        concurrency=tuple(t.concurrency),
-        batch_size=t.batch_size,
-        max_concurrent_batches=t.max_concurrent_batches,
-        accelerator_type=t.accelerator_type,
-        placement_group_config=placement,
-        should_continue_on_error=True,
-        # Prompts arrive already templated (we store them), and vLLM returns text: the
-        # chat-template, tokenize and detokenize stages would only add CPU actors.
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-    )
-    return build_processor(proc_cfg, preprocess=VLLMRequest(cfg.sampling, t.seeds_to_engine()))
-
-
-def engine_output(row: dict[str, Any], max_tokens: int) -> tuple[str | None, int, int, float, str, str]:
-    """(text, prompt_tokens, output_tokens, seconds, finish_reason, error) from either processor."""
-    err = row.get("__inference_error__") or ""
-    if "http_response" in row and row["http_response"] is not None:
-        resp = row["http_response"]
-        # Arrow unifies response structs across a batch, so an absent field comes back as None
-        if resp.get("error") or not resp.get("choices"):
-            return None, 0, 0, 0.0, "error", f"teacher server: {json.dumps(resp.get('error') or resp, default=str)[:500]}"
-        choice, usage = resp["choices"][0], resp.get("usage") or {}
-        return (choice["message"].get("content") or "", int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0), 0.0, choice.get("finish_reason") or "", "")
-    if err:
-        return None, 0, 0, 0.0, "error", str(err)[:2000]
-    out_tokens = int(row.get("num_generated_tokens") or 0)
-    seconds = float(row.get("time_taken_llm") or 0.0)
-    return (row.get("generated_text") or "", int(row.get("num_input_tokens") or 0), out_tokens,
-            max(seconds, 0.0), "length" if out_tokens >= max_tokens else "stop", "")
-
-
 def finish_rows(rows: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
     """Engine outputs -> chain rows of CHAIN_SCHEMA: parsed, graded, with status and error."""
     out = []
@@ -163,15 +71,3 @@ def finish_rows(rows: list[dict[str, Any]], max_tokens: int) -> list[dict[str, A
                          status=OK if parsed.answer is not None else UNPARSED)
         out.append(chain)
     return out
-
-
-class FinishBatch:
-    """map_batches adapter around finish_rows (Arrow in, Arrow out)."""
-
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        return pa.Table.from_pylist(finish_rows(batch.to_pylist(), self.max_tokens), schema=CHAIN_SCHEMA)

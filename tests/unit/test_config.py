@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from jobs.common.config import ConfigError, load_config
+from jobs.curate.config import CurateConfig
 from jobs.generate.config import GenerateConfig
+from jobs.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # configs/<stage>/... belongs to that stage's config class
-STAGE_CLASSES = {"generate": GenerateConfig}
+STAGE_CLASSES = {"generate": GenerateConfig, "curate": CurateConfig, "train": TrainConfig}
 
 
 def all_yamls():

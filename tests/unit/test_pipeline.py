@@ -9,7 +9,8 @@ import pyarrow as pa
 from jobs.common.config import build
 from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
-from jobs.generate.pipeline import HTTPRequest, VLLMRequest, chain_seed, finish_rows, plan_rows
+from jobs.common.llm import HTTPRequest, VLLMRequest
+from jobs.generate.pipeline import chain_seed, finish_rows, plan_rows
 from jobs.generate.report import format_table, summarize
 from jobs.generate.schema import CHAIN_SCHEMA
 from jobs.tasks.sources import load_problems

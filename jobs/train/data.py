@@ -1,0 +1,132 @@
+"""Training sequences from curated examples: tokenization with the loss on the assistant's answer
+only, packing into fixed-length sequences without attention across examples, and collation.
+Pure functions over token lists (tested without Ray or a model).
+
+A sequence is a dict of equal-length lists: `input_ids`, `labels` (-100 where no loss),
+`weights` (the example kind's loss weight on each label token, 0 elsewhere), `position_ids`
+(restarting at 0 for each example) and `segments` (which example a token belongs to; -1 for
+padding). The attention mask is built from `segments`: a token sees earlier tokens of its own
+example only, so a packed sequence gives each example exactly the loss it has alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+IGNORE = -100
+SEQ_FIELDS = ("input_ids", "labels", "weights", "position_ids", "segments")
+
+
+def tokenize_example(messages: list[dict[str, str]], tokenizer: Any, max_len: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) of one chat: the whole chat in the model's template, with
+    labels only on the final assistant turn (the system prompt, user turns and any few-shot turns
+    are masked). Cut to `max_len` tokens."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("an example's last message must be the assistant's (the training target)")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not extend the prompt with the answer; cannot mask the prompt")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE] * len(prompt_ids) + answer_ids
+    return ids[:max_len], labels[:max_len], len(ids) > max_len
+
+
+def example_sequence(input_ids: list[int], labels: list[int], weight: float) -> dict[str, list]:
+    """One example as a sequence of its own (the padded mode's unit, and packing's input)."""
+    n = len(input_ids)
+    return {"input_ids": list(input_ids), "labels": list(labels),
+            "weights": [weight if lab != IGNORE else 0.0 for lab in labels],
+            "position_ids": list(range(n)), "segments": [0] * n}
+
+
+def pack(sequences: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
+    """First-fit-decreasing packing of single-example sequences into sequences of at most
+    `max_len` tokens. Deterministic: ties keep input order. Examples are never split."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]["input_ids"]))
+    bins: list[dict[str, list]] = []
+    room: list[int] = []
+    for i in order:
+        seq = sequences[i]
+        n = len(seq["input_ids"])
+        slot = next((b for b, r in enumerate(room) if r >= n), None)
+        if slot is None:
+            bins.append({k: [] for k in SEQ_FIELDS})
+            room.append(max_len)
+            slot = len(bins) - 1
+        b = bins[slot]
+        seg = (b["segments"][-1] + 1) if b["segments"] else 0
+        for k in ("input_ids", "labels", "weights", "position_ids"):
+            b[k].extend(seq[k])
+        b["segments"].extend([seg] * n)
+        room[slot] -= n
+    return bins
+
+
+def collate(sequences: list[dict[str, list]], pad_id: int):
+    """Tensors for one micro-batch, padded to its longest sequence: input_ids, labels, weights,
+    position_ids and a boolean attention mask [batch, 1, seq, seq] (causal, within an example)."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in sequences)
+
+    def padded(key: str, fill, dtype):
+        return torch.tensor([s[key] + [fill] * (width - len(s[key])) for s in sequences], dtype=dtype)
+
+    segments = padded("segments", -1, torch.long)
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty rows
+    return {"input_ids": padded("input_ids", pad_id, torch.long), "labels": padded("labels", IGNORE, torch.long),
+            "weights": padded("weights", 0.0, torch.float32), "position_ids": padded("position_ids", 0, torch.long),
+            "attention_mask": mask[:, None]}
+
+
+def weighted_loss_sum(logits, labels, weights):
+    """Sum over label tokens of weight x next-token cross-entropy (the caller normalizes)."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                         ignore_index=IGNORE, reduction="none")
+    return (ce * weights[:, 1:].reshape(-1)).sum()
+
+
+class Tokenize:
+    """map_batches over curated examples -> single-example sequences (Arrow lists). Carries the
+    kind's loss weight; counts truncated examples in `truncated`."""
+
+    def __init__(self, model_path: str, max_len: int, weights: dict[str, float]):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.max_len, self.weights = max_len, weights
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, list] = {k: [] for k in (*SEQ_FIELDS, "truncated")}
+        for messages, kind in zip(batch["messages"], batch["kind"]):
+            weight = float(self.weights.get(str(kind), 1.0))
+            if weight == 0:
+                continue
+            ids, labels, cut = tokenize_example(json.loads(messages), self.tokenizer, self.max_len)
+            seq = example_sequence(ids, labels, weight)
+            for k in SEQ_FIELDS:
+                out[k].append(seq[k])
+            out["truncated"].append(cut)
+        return out
+
+
+class Pack:
+    """map_batches: single-example sequences -> packed sequences (within each batch)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        seqs = [{k: list(batch[k][i]) for k in SEQ_FIELDS} for i in range(len(batch["input_ids"]))]
+        packed = pack(seqs, self.max_len)
+        return {k: [s[k] for s in packed] for k in SEQ_FIELDS}

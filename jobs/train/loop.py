@@ -1,0 +1,213 @@
+"""The training function each Ray Train worker runs: the student (PEFT LoRA or full) under a
+DeepSpeed engine on Ray's process group, fed from its Ray Data shard, with validation, metrics,
+checkpoints that all ranks write and Ray Train merges, and resume from the latest one.
+
+Loss normalization makes the update independent of how a global batch is cut: each micro-batch's
+weighted token loss is divided by the weighted label tokens of the whole optimizer step (all
+micro-batches, all workers), then scaled back by what DeepSpeed divides out (gradient accumulation
+steps, data-parallel averaging). So micro-batch 1 x accumulation 4 equals 4 x 1, and packed equals
+padded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "cotd_state.json"
+EXPORT_DIR = "export"
+TAG = "ds"
+
+
+def build_model(cfg, model_path: str, dtype):
+    """The student as it trains: the base model, with LoRA adapters (PEFT) or all weights trainable."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.method == "lora":
+            model.enable_input_require_grads()
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+    return model
+
+
+def _sequences(batch: dict[str, Any]) -> list[dict[str, list]]:
+    from jobs.train.data import SEQ_FIELDS
+
+    n = len(batch["input_ids"])
+    return [{k: [x.item() if hasattr(x, "item") else x for x in batch[k][i]] for k in SEQ_FIELDS} for i in range(n)]
+
+
+def _windows(shard, cfg, epoch: int, skip: int):
+    """Lists of `grad_accum` micro-batches (each a list of sequences) for one epoch, the first
+    `skip` windows left out (resume)."""
+    window: list = []
+    done = 0
+    for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy", drop_last=True,
+                                    local_shuffle_buffer_size=None if cfg.packing else 256,
+                                    local_shuffle_seed=cfg.seed + epoch):
+        window.append(_sequences(batch))
+        if len(window) == cfg.grad_accum:
+            if done >= skip:
+                yield window
+            done += 1
+            window = []
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+
+    from jobs.train.config import deepspeed_config
+    from jobs.train.data import collate, weighted_loss_sum
+
+    cfg, model_path = config["cfg"], config["model_path"]
+    total_steps, steps_per_epoch, pad_id = config["total_steps"], config["steps_per_epoch"], config["pad_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if cfg.scaling.use_gpu:
+        torch.cuda.set_device(device)
+    bf16 = config["bf16"]
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg, model_path, torch.bfloat16 if bf16 else torch.float32)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, total_steps, bf16), dist_init_required=False)
+    lora = cfg.method == "lora"
+    # DeepSpeed's schedulers hold lr at 0 until their first step() (which the engine makes after
+    # each optimizer step), so the first update would be wasted: step it to iteration 0 now.
+    # A resumed run's load_checkpoint below restores the scheduler's own position.
+    scheduler.step()
+
+    step, history, resumes = 0, [], []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=TAG, load_module_strict=not lora)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
+
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = config.get("peak_flops")
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def evaluate() -> float | None:
+        if val_shard is None:
+            return None
+        engine.eval()
+        loss_sum = weight = 0.0
+        with torch.no_grad():
+            for batch in val_shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy"):
+                b = {k: v.to(device) for k, v in collate(_sequences(batch), pad_id).items()}
+                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"]).logits
+                loss_sum += weighted_loss_sum(logits, b["labels"], b["weights"]).item()
+                weight += b["weights"][:, 1:].sum().item()
+        engine.train()
+        loss_sum, weight = _all_reduce([loss_sum, weight], device)
+        return loss_sum / weight if weight else None
+
+    def save(metrics: dict[str, Any], final: bool) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=TAG, exclude_frozen_parameters=lora)
+            if final:
+                _export(engine, model, cfg, Path(d) / EXPORT_DIR, rank)
+            if rank == 0:
+                (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "resumes": resumes}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"step-{step:06d}{'-final' if final else ''}")
+
+    engine.train()
+    if step >= total_steps:  # restored from the last checkpoint of a finished run: export again
+        save(history[-1], final=True)
+        return
+    start_epoch = step // steps_per_epoch
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        skip = step - epoch * steps_per_epoch
+        for window in _windows(train_shard, cfg, epoch, skip):
+            t0 = time.perf_counter()
+            batches = [{k: v.to(device) for k, v in collate(mb, pad_id).items()} for mb in window]
+            local_weight = sum(b["weights"][:, 1:].sum().item() for b in batches)
+            local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+            seq_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+            total_weight, = _all_reduce([local_weight], device)
+            scale = world * cfg.grad_accum / max(total_weight, 1e-9)
+            loss_sum = 0.0
+            for b in batches:
+                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"]).logits
+                part = weighted_loss_sum(logits, b["labels"], b["weights"])
+                loss_sum += part.item()
+                engine.backward(part * scale)
+                engine.step()
+            step += 1
+            loss_sum, tokens, seq_tokens_all = _all_reduce([loss_sum, local_tokens, seq_tokens], device)
+            seconds = time.perf_counter() - t0
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {"step": step, "epoch": epoch, "loss": loss_sum / max(total_weight, 1e-9),
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
+                       "tokens_per_s": seq_tokens_all / seconds, "label_tokens": int(tokens)}
+            if peak:
+                flops_per_token = (6 if cfg.method == "full" else 4) * n_params
+                metrics["mfu"] = flops_per_token * seq_tokens_all / seconds / (peak * world)
+            last = step >= total_steps
+            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                metrics["val_loss"] = evaluate()
+            history.append(metrics)
+            if last or (cfg.save_every and step % cfg.save_every == 0):
+                save(metrics, final=last)
+            else:
+                ray.train.report(metrics)
+            if last:
+                return
+    if step < total_steps or not metrics:
+        raise RuntimeError(f"the data ran out at step {step} of {total_steps}")
+
+
+def _export(engine, model, cfg, folder: Path, rank: int) -> None:
+    """The trained weights in Hugging Face form: the PEFT adapter (LoRA) or the full model. Under
+    ZeRO-3 the weights are partitioned, so every rank takes part in gathering them."""
+    state = None
+    if cfg.zero.stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if state is not None and cfg.method == "lora":
+        from peft import get_peft_model_state_dict
+
+        # the consolidated dict names keys like the PEFT model; keep the adapter's own
+        state = {k: v for k, v in state.items() if "lora_" in k}
+        model.save_pretrained(folder, state_dict=get_peft_model_state_dict(model, state_dict=state))
+    elif state is not None:
+        model.save_pretrained(folder, state_dict=state)
+    else:
+        model.save_pretrained(folder)

@@ -1,0 +1,239 @@
+"""Train the student on curated examples: Ray Train workers, DeepSpeed ZeRO, LoRA or full.
+
+Run as:
+    python -m jobs.train --config configs/train/quickstart.yaml data=runs/quickstart/curated
+    cotd train --config configs/train/quickstart.yaml data=runs/q1/curated out_dir=runs/q1/student
+
+Checks the data, the model and the config before any worker starts; tokenizes the examples on Ray
+Data (loss on the answer only), packs them, and runs a TorchTrainer whose workers each stream
+their shard. Checkpoints go to <out_dir>/checkpoints (Ray Train); a failed worker restarts from the
+latest one, and re-running the same command resumes there. Ends with <out_dir>/adapter (LoRA),
+<out_dir>/merged (a full model vLLM and transformers load), MODEL_CARD.md, metrics.jsonl and
+manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.common.config import ConfigError, to_dict
+from jobs.common.runs import part_files, write_json
+from jobs.train.config import TrainConfig
+
+STAGE = "train"
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
+
+
+class TrainError(ValueError):
+    """Bad training input (the curated data or the student), phrased for the user."""
+
+
+def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    started = time.time()
+    out = Path(cfg.out_dir).resolve()
+
+    # validate: data, model and LoRA targets, before Ray or a worker starts
+    from jobs.common.models import resolve
+
+    train_files, val_files = check_data(cfg.data)
+    model_path = str(resolve(cfg.model, log=log))
+    check_model(cfg, model_path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # data: tokenized and packed on Ray Data, then streamed to the workers
+    import ray
+
+    from jobs.common.raycluster import init_ray
+
+    init_ray(cfg.ray, log=log)
+    train_ds, n_train, truncated = _sequences(cfg, model_path, train_files)
+    val_ds, n_val, _ = _sequences(cfg, model_path, val_files) if val_files else (None, 0, 0)
+    per_step = cfg.global_batch()
+    steps_per_epoch = n_train // per_step
+    if steps_per_epoch == 0:
+        raise TrainError(f"data: {n_train} training sequences do not fill one step of {per_step} "
+                         f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x "
+                         f"{cfg.scaling.num_workers} workers); lower them or add data")
+    total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    log(f"{n_train} training sequences ({'packed' if cfg.packing else 'one example each'}, "
+        f"{truncated} examples cut to {cfg.max_seq_len} tokens), {n_val} validation; "
+        f"{total_steps} steps of {per_step} sequences on {cfg.scaling.num_workers} workers")
+
+    # run
+    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, total_steps, steps_per_epoch, out, log)
+
+    # export and summarize
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "cotd_state.json").read_text())
+        _publish_export(cfg, model_path, Path(d) / "export", out, log)
+    history = state["history"]
+    _write_lines(out / "metrics.jsonl", history)
+    final = history[-1]
+    manifest = {
+        "stage": STAGE, "config": to_dict(cfg), "model_path": model_path, "steps": final["step"],
+        "resumed_at_steps": state["resumes"],
+        "final": final, "first_loss": history[0]["loss"], "sequences": {"train": n_train, "val": n_val, "truncated": truncated},
+        "checkpoint": result.checkpoint.path, "outputs": _outputs(cfg, out),
+        "wall_seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(out / "manifest.json", manifest)
+    _model_card(cfg, manifest, out)
+    log(f"trained {final['step']} steps: loss {history[0]['loss']:.4f} -> {final['loss']:.4f}"
+        + (f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""))
+    for name, path in manifest["outputs"].items():
+        log(f"{name}: {path}")
+    return manifest
+
+
+def check_data(path: str) -> tuple[list[Path], list[Path]]:
+    """The train (required) and val (optional) part files of a curated dataset."""
+    import pyarrow.parquet as pq
+
+    root = Path(path)
+    if not root.is_dir():
+        raise TrainError(f"data: {path} does not exist (expected curate's out_dir, holding train/ and val/)")
+    found = {}
+    for split in ("train", "val"):
+        files = part_files(root / split)
+        for f in files:
+            try:
+                names = set(pq.read_schema(f).names)
+            except Exception as e:  # pyarrow raises several types for a damaged file
+                raise TrainError(f"data: {f} is not a readable Parquet file: {e}") from None
+            missing = sorted({"messages", "kind"} - names)
+            if missing:
+                raise TrainError(f"data: {f} lacks column(s) {', '.join(missing)}; is it a cotd curated dataset?")
+        found[split] = [f for f in files if pq.read_metadata(f).num_rows > 0]
+    if not found["train"]:
+        raise TrainError(f"data: {root / 'train'} holds no examples (has `cotd curate` kept any?)")
+    return found["train"], found["val"]
+
+
+def check_model(cfg: TrainConfig, model_path: str) -> None:
+    """LoRA targets must name modules the student has; checked on an empty (meta) copy."""
+    if cfg.method != "lora":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, unmatched))} match no module of {cfg.model}; "
+                          f"its linear layers are: {', '.join(leaves)}")
+
+
+def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
+    """The dataset of training sequences for one split, materialized in Ray's object store (so
+    every epoch and every restart streams the same sequences), its size and truncation count."""
+    import ray
+
+    from jobs.train.data import Pack, Tokenize
+
+    ds = ray.data.read_parquet([str(f) for f in files], columns=["messages", "kind"])
+    ds = ds.random_shuffle(seed=cfg.seed)
+    ds = ds.map_batches(Tokenize, fn_constructor_args=(model_path, cfg.max_seq_len, dict(cfg.weights)),
+                        batch_size=256, concurrency=1).materialize()
+    truncated = int(ds.sum("truncated") or 0) if ds.count() else 0
+    ds = ds.drop_columns(["truncated"])
+    if cfg.packing:
+        ds = ds.map_batches(Pack, fn_constructor_args=(cfg.max_seq_len,), batch_size=512, concurrency=1)
+    ds = ds.materialize()
+    return ds, ds.count(), truncated
+
+
+def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, total_steps: int,
+         steps_per_epoch: int, out: Path, log):
+    import torch
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train.loop import train_loop
+
+    s = cfg.scaling
+    bf16 = cfg.precision == "bf16" and (not s.use_gpu or torch.cuda.is_available())
+    datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "model_path": model_path, "total_steps": total_steps, "bf16": bf16,
+                           "steps_per_epoch": steps_per_epoch, "pad_id": pad_id,
+                           "peak_flops": H100_BF16_FLOPS if s.use_gpu else None},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=RayScaling(num_workers=s.num_workers, use_gpu=s.use_gpu, accelerator_type=s.accelerator_type,
+                                  resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
+                                                              "DS_BUILD_OPS": "0"}}),
+    )
+    return trainer.fit()
+
+
+def _publish_export(cfg: TrainConfig, model_path: str, export: Path, out: Path, log) -> None:
+    """adapter/ (LoRA) and merged/ (always): a full Hugging Face model with the student's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out / ".export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if cfg.method == "lora":
+        from peft import PeftModel
+
+        shutil.copytree(export, tmp / "adapter")
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+        merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.bfloat16)
+    merged.save_pretrained(tmp / "merged")
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp / "merged")
+    for name in ("adapter", "merged"):
+        if (tmp / name).exists():
+            shutil.rmtree(out / name, ignore_errors=True)
+            (tmp / name).rename(out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported: {out / 'merged'}" + (f" and {out / 'adapter'}" if cfg.method == "lora" else ""))
+
+
+def _outputs(cfg: TrainConfig, out: Path) -> dict[str, str]:
+    names = (["adapter"] if cfg.method == "lora" else []) + ["merged", "metrics.jsonl", "MODEL_CARD.md"]
+    return {n: str(out / n) for n in names}
+
+
+def _write_lines(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _model_card(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
+    f = manifest["final"]
+    lines = [
+        f"# {out.name}: a cotd student", "",
+        f"- base model: `{cfg.model}` ({manifest['model_path']})",
+        f"- method: {cfg.method}" + (f" (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})" if cfg.method == "lora" else ""),
+        f"- data: `{cfg.data}` ({manifest['sequences']['train']} training sequences, {manifest['sequences']['val']} validation)",
+        f"- DeepSpeed ZeRO stage {cfg.zero.stage}, {cfg.precision}, {cfg.scaling.num_workers} workers, "
+        f"{'GPU' if cfg.scaling.use_gpu else 'CPU'}; global batch {cfg.global_batch()} sequences of <= {cfg.max_seq_len} tokens",
+        f"- steps: {f['step']}; loss {manifest['first_loss']:.4f} -> {f['loss']:.4f}"
+        + (f"; validation loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else ""),
+        "", "The full configuration and metrics are in manifest.json and metrics.jsonl.", "",
+    ]
+    tmp = out / ".MODEL_CARD.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out / "MODEL_CARD.md")
