@@ -113,7 +113,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     n_params = sum(p.numel() for p in model.parameters())
     peak = config.get("peak_flops")
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
 
     def evaluate() -> float | None:
         if val_shard is None:
@@ -156,7 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
             batches = [{k: v.to(device) for k, v in collate(mb, pad_id).items()} for mb in window]
             local_weight = sum(b["weights"][:, 1:].sum().item() for b in batches)
             local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-            seq_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+            seq_tokens = sum(len(s["input_ids"]) for mb in window for s in mb)  # real tokens, no padding
             total_weight, = _all_reduce([local_weight], device)
             scale = world * cfg.grad_accum / max(total_weight, 1e-9)
             loss_sum = 0.0

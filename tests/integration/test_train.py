@@ -111,10 +111,14 @@ def test_full_zero3_two_workers(tmp_path, curated, tiny_model, ray_session):
 def test_micro_batch_times_accumulation_invariance(tmp_path, curated, tiny_model, ray_session):
     """One optimizer step over the same 4 sequences: 1 x 4 and 4 x 1 give the same gradient (its
     norm, which Adam's scale invariance would hide from the weights) and the same weights."""
+    import shutil
+
     weights, norms = [], []
+    train_only = tmp_path / "train-only"  # a curated set without a val split trains too
+    shutil.copytree(curated / "train", train_only / "train")
     for mb, ga in ((4, 1), (1, 4)):
         out = tmp_path / f"mb{mb}"
-        main(config(curated, out, tiny_model, method="full", zero={"stage": 2}, micro_batch_size=mb, grad_accum=ga,
+        main(config(train_only, out, tiny_model, method="full", zero={"stage": 2}, micro_batch_size=mb, grad_accum=ga,
                     max_steps=1, lr=1e-2, warmup_steps=0, scaling={"num_workers": 1}), log=lambda *_: None)
         from transformers import AutoModelForCausalLM
 
