@@ -19,7 +19,8 @@ CRITERIA = ("structure", "clarity", "confidence")
 JUDGE_KEY = ("problem_id", "path_index", "chain_sha")
 OK, UNPARSED, ERROR = "ok", "unparsed", "error"
 
-# "X/10" placeholders: a small judge (Qwen2.5-0.5B, measured) copies "<1-10>" as a rating of 1
+# The reply template asks for each rating "over 10" instead of showing the range 1-10: a small
+# judge (Qwen2.5-0.5B, measured) copied the range's first number into its reply as its rating.
 JUDGE_SYSTEM = (
     "You are a strict grader of worked solutions. Rate the solution on three criteria, each a "
     "whole number from 1 (poor) to 10 (excellent):\n"
