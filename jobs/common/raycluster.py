@@ -13,6 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Ray Data's pipelines hold one actor or task per stage at once; with fewer logical CPUs than
 # stages a 2-core machine deadlocks, so a local cluster advertises at least this many.
 MIN_LOCAL_CPUS = 8
+# Ray Train's placement-group cleaner asks the state API every second whether the run's
+# controller still lives, and warns each time the API does not answer. The state API is served by
+# the dashboard, which a local cluster does without (it costs a small machine CPU), so every
+# training run would print that warning once a second; on a local cluster it is silenced.
+LOCAL_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,14 @@ class RayConfig:
     def check(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
+
+
+def quiet_local_workers() -> None:
+    """Ray worker setup hook of a local cluster (see LOCAL_QUIET_LOGGERS)."""
+    import logging
+
+    for name in LOCAL_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig, log=print) -> str:
@@ -52,7 +65,8 @@ def init_ray(cfg: RayConfig, log=print) -> str:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         cpus = cfg.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {**env_vars, "PYTHONPATH": str(REPO_ROOT)}})
+                 runtime_env={"env_vars": {**env_vars, "PYTHONPATH": str(REPO_ROOT)},
+                              "worker_process_setup_hook": "jobs.common.raycluster.quiet_local_workers"})
         where = f"local Ray ({cpus} logical CPUs on {os.cpu_count()} cores)"
     from ray.data import DataContext
 

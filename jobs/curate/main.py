@@ -20,14 +20,25 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from jobs.common.config import ConfigError, to_dict
+from jobs.common.llm import LLMConfig, load_model, run_llm
+from jobs.common.raycluster import init_ray
 from jobs.common.runs import PartWriter, clean_partial, part_files, read_dataset, write_json
 from jobs.curate.config import CurateConfig
+from jobs.curate.examples import EXAMPLE_SCHEMA, RATIONALE, general_examples, val_ids
+from jobs.curate.filters import judged_low
+from jobs.curate.judge import (ERROR, JUDGE_SYSTEM, JUDGEMENT_SCHEMA, UNPARSED, chain_sha, finish_judgements, latest,
+                               plan_judge_rows)
+from jobs.curate.pipeline import CHAIN_COLUMNS, decide_group, decision_columns, decision_schema, screen_group
+from jobs.curate.report import format_summary, markdown, plot, summarize
+from jobs.tasks.problem import stable_id
+from jobs.tasks.sources import load_problems
 
 STAGE = "curate"
 OUTPUTS = ("train", "val", "decisions")
@@ -42,24 +53,18 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
     out = Path(cfg.out_dir)
 
     # validate: the chains, the general data and the judge model, before any work starts
-    from jobs.tasks.sources import load_problems
-
     chains_dir, files, teacher = check_chains(cfg.chains, out)
     general = load_problems(cfg.mix.sources) if cfg.mix.sources and cfg.mix.ratio > 0 else []
     judge_llm = _judge_llm(cfg, teacher)
     judge_path, judge_tok = (None, None)
     if judge_llm is not None:
-        from jobs.common.llm import load_model
-
         judge_path, judge_tok = load_model(judge_llm, log)
 
     # set up
     import ray
 
-    from jobs.common.raycluster import init_ray
-
     init_ray(cfg.ray, log=log)
-    chains = ray.data.read_parquet([str(f) for f in files], columns=list(_chain_columns()))
+    chains = ray.data.read_parquet([str(f) for f in files], columns=list(CHAIN_COLUMNS))
     partitions = max(1, min(64, len(files) // 8 + 1))
     log(f"curating {chains_dir} ({len(files)} part files)")
 
@@ -69,10 +74,6 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
         judgements, judge_attempt = _judge(cfg, chains, partitions, judge_llm, judge_path, judge_tok, out, log)
 
     # decide, format, split
-    from jobs.curate.examples import EXAMPLE_SCHEMA, RATIONALE, general_examples, val_ids
-    from jobs.curate.filters import judged_low
-    from jobs.curate.pipeline import decide_group, decision_columns, decision_schema
-
     low = judged_low(list(judgements.values()), cfg.judge) if judgements is not None else set()
     decided = chains.groupby("problem_id", num_partitions=partitions).map_groups(
         decide_group, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "judgements": judgements, "low": low})
@@ -107,8 +108,6 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
 
     # report
-    from jobs.curate.report import format_summary, markdown, plot, summarize
-
     summary = summarize(decisions, counts)
     plot(decisions, summary, out / "report.png")
     (out / ".report.md.tmp").write_text(markdown(summary, "report.png"))
@@ -124,12 +123,6 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
     log("\n" + format_summary(summary))
     log(f"train: {out / 'train'}\nval: {out / 'val'}\nreport: {out / 'report.md'}")
     return manifest
-
-
-def _chain_columns() -> tuple[str, ...]:
-    from jobs.curate.pipeline import CHAIN_COLUMNS
-
-    return CHAIN_COLUMNS
 
 
 def check_chains(path: str, out: Path) -> tuple[Path, list[Path], str | None]:
@@ -149,7 +142,7 @@ def check_chains(path: str, out: Path) -> tuple[Path, list[Path], str | None]:
     files = part_files(folder)
     if not files:
         raise CurateError(f"chains: {folder} holds no part-*.parquet files (has `cotd generate` written any?)")
-    needed = set(_chain_columns()) | {"teacher_model"}
+    needed = set(CHAIN_COLUMNS) | {"teacher_model"}
     teachers: set[str] = set()
     for f in files:
         try:
@@ -174,21 +167,12 @@ def _judge_llm(cfg: CurateConfig, teacher: str | None):
     if teacher is None:
         raise ConfigError("judge.model is not set and the chains come from several teachers (or name none); "
                           "set judge.model.model to the judge to use")
-    from jobs.common.llm import LLMConfig
-
     return LLMConfig(model=teacher)
 
 
 def _judge(cfg: CurateConfig, chains, partitions: int, llm, model_path, tokenizer, out: Path, log):
     """Screen every problem on Ray Data, then judge the survivors not judged before (resume);
     returns the judgement of each survivor's current text and this attempt's numbers."""
-    from functools import partial
-
-    from jobs.common.llm import run_llm
-    from jobs.curate.judge import ERROR, JUDGE_SYSTEM, JUDGEMENT_SCHEMA, UNPARSED, chain_sha, finish_judgements, latest, plan_judge_rows
-    from jobs.curate.pipeline import screen_group
-    from jobs.tasks.problem import stable_id
-
     candidates = chains.groupby("problem_id", num_partitions=partitions).map_groups(
         screen_group, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
     rows = [r for b in candidates.iter_batches(batch_size=4096, batch_format="pyarrow") for r in b.to_pylist()]

@@ -109,6 +109,9 @@ class TrainConfig:
         return self.micro_batch_size * self.grad_accum * self.scaling.num_workers
 
 
+FIRST_ITERATION = 1  # the scheduler iteration of the first training step (see deepspeed_config)
+
+
 def deepspeed_config(cfg: TrainConfig, total_steps: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config for this run, derived from `cfg` alone."""
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
@@ -119,20 +122,24 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, bf16: bool) -> dict[str
     if cfg.zero.stage == 3:
         # gather full weights into the checkpoint so the export needs no ZeRO-3 reassembly
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    # DeepSpeed's schedulers need >= 1 warmup step and start it from the minimum; warmup_steps: 0
-    # (no warmup) becomes one "warmup" step that already starts at the peak
-    warmup = max(1, min(cfg.warmup_steps, total_steps - 1))
+    # Step k (1-based) of training runs at the scheduler's iteration k: the loop moves the scheduler
+    # to iteration 1 before the first step (FIRST_ITERATION), because at iteration 0 DeepSpeed's
+    # warmup gives lr 0 and the first update would be lost. So warmup lr is k/warmup of the peak,
+    # and the end of the decay sits one step past the last step (its lr is small, not 0): iteration
+    # total+1 for the linear decay, total+2 for the cosine one (which counts its first step as 1).
+    # DeepSpeed needs >= 1 warmup step; warmup_steps: 0 becomes one that already starts at the peak.
+    warmup = max(1, min(cfg.warmup_steps, total_steps))
     start = 1.0 if cfg.warmup_steps == 0 else 0.0
     if cfg.schedule == "constant":
         scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": start * cfg.lr, "warmup_max_lr": cfg.lr,
                                                     "warmup_num_steps": warmup, "warmup_type": "linear"}}
     elif cfg.schedule == "cosine":
         scheduler = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total_steps, 2), "warmup_num_steps": warmup, "warmup_type": "linear",
+            "total_num_steps": total_steps + 2, "warmup_num_steps": warmup, "warmup_type": "linear",
             "warmup_min_ratio": start, "cos_min_ratio": 0.0}}
-    else:  # linear warmup, then linear decay to 0
+    else:  # linear warmup, then linear decay towards 0
         scheduler = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": max(total_steps, 2), "warmup_min_lr": start * cfg.lr, "warmup_max_lr": cfg.lr,
+            "total_num_steps": total_steps + 1, "warmup_min_lr": start * cfg.lr, "warmup_max_lr": cfg.lr,
             "warmup_num_steps": warmup, "warmup_type": "linear"}}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

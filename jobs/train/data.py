@@ -1,12 +1,13 @@
 """Training sequences from curated examples: tokenization with the loss on the assistant's answer
-only, packing into fixed-length sequences without attention across examples, and collation.
+only, packing into sequences of bounded length without attention across examples, and collation.
 Pure functions over token lists (tested without Ray or a model).
 
 A sequence is a dict of equal-length lists: `input_ids`, `labels` (-100 where no loss),
-`weights` (the example kind's loss weight on each label token, 0 elsewhere), `position_ids`
-(restarting at 0 for each example) and `segments` (which example a token belongs to; -1 for
-padding). The attention mask is built from `segments`: a token sees earlier tokens of its own
-example only, so a packed sequence gives each example exactly the loss it has alone.
+`weights` (the example kind's loss weight on each label token, 0 elsewhere) and `position_ids`
+(restarting at 0 for each example, which is how a packed sequence marks where examples begin).
+Padded mode batches single-example sequences with padding; packed mode lays a micro-batch's
+examples end to end in one row and tells the attention where each begins (attention.py), so
+a packed example gets exactly the loss it has alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 from typing import Any
 
 IGNORE = -100
-SEQ_FIELDS = ("input_ids", "labels", "weights", "position_ids", "segments")
+SEQ_FIELDS = ("input_ids", "labels", "weights", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
 
 
 def tokenize_example(messages: list[dict[str, str]], tokenizer: Any, max_len: int) -> tuple[list[int], list[int], bool]:
@@ -40,7 +43,7 @@ def example_sequence(input_ids: list[int], labels: list[int], weight: float) -> 
     n = len(input_ids)
     return {"input_ids": list(input_ids), "labels": list(labels),
             "weights": [weight if lab != IGNORE else 0.0 for lab in labels],
-            "position_ids": list(range(n)), "segments": [0] * n}
+            "position_ids": list(range(n))}
 
 
 def pack(sequences: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
@@ -57,18 +60,15 @@ def pack(sequences: list[dict[str, list]], max_len: int) -> list[dict[str, list]
             bins.append({k: [] for k in SEQ_FIELDS})
             room.append(max_len)
             slot = len(bins) - 1
-        b = bins[slot]
-        seg = (b["segments"][-1] + 1) if b["segments"] else 0
-        for k in ("input_ids", "labels", "weights", "position_ids"):
-            b[k].extend(seq[k])
-        b["segments"].extend([seg] * n)
+        for k in SEQ_FIELDS:
+            bins[slot][k].extend(seq[k])
         room[slot] -= n
     return bins
 
 
 def collate(sequences: list[dict[str, list]], pad_id: int):
-    """Tensors for one micro-batch, padded to its longest sequence: input_ids, labels, weights,
-    position_ids and a boolean attention mask [batch, 1, seq, seq] (causal, within an example)."""
+    """Tensors for a micro-batch of single-example sequences, right-padded to the longest:
+    input_ids, labels, weights, position_ids and attention_mask (1 on real tokens)."""
     import torch
 
     width = max(len(s["input_ids"]) for s in sequences)
@@ -76,13 +76,35 @@ def collate(sequences: list[dict[str, list]], pad_id: int):
     def padded(key: str, fill, dtype):
         return torch.tensor([s[key] + [fill] * (width - len(s[key])) for s in sequences], dtype=dtype)
 
-    segments = padded("segments", -1, torch.long)
-    same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty rows
     return {"input_ids": padded("input_ids", pad_id, torch.long), "labels": padded("labels", IGNORE, torch.long),
             "weights": padded("weights", 0.0, torch.float32), "position_ids": padded("position_ids", 0, torch.long),
-            "attention_mask": mask[:, None]}
+            "attention_mask": torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"]))
+                                            for s in sequences], dtype=torch.long)}
+
+
+def collate_packed(sequences: list[dict[str, list]]):
+    """Tensors for a micro-batch of packed sequences, laid end to end in one row with no padding:
+    input_ids, labels, weights, position_ids [1, tokens], and the examples' boundaries as
+    `cu_seq_lens_q/k` (cumulative lengths) with `max_length_q/k`, the varlen convention that
+    the model passes down to its attention (attention.py)."""
+    import torch
+
+    row = {k: [x for s in sequences for x in s[k]] for k in SEQ_FIELDS}
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+    for i in starts:  # no example learns its first token from the one before it
+        row["labels"][i], row["weights"][i] = IGNORE, 0.0
+    cu = torch.tensor(starts + [len(row["input_ids"])], dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"input_ids": torch.tensor([row["input_ids"]], dtype=torch.long),
+            "labels": torch.tensor([row["labels"]], dtype=torch.long),
+            "weights": torch.tensor([row["weights"]], dtype=torch.float32),
+            "position_ids": torch.tensor([row["position_ids"]], dtype=torch.long),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's keyword arguments from a collated batch (labels and weights stay with the loss)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def weighted_loss_sum(logits, labels, weights):

@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,11 @@ def build_model(cfg, model_path: str, dtype):
     """The student as it trains: the base model, with LoRA adapters (PEFT) or all weights trainable."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    from jobs.train.attention import register
+
+    # packed micro-batches need attention that keeps their examples apart (attention.py)
+    attention = register() if cfg.packing else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -80,8 +85,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from jobs.train.config import deepspeed_config
-    from jobs.train.data import collate, weighted_loss_sum
+    from jobs.train.config import FIRST_ITERATION, deepspeed_config
+    from jobs.train.data import collate, collate_packed, model_inputs, weighted_loss_sum
 
     cfg, model_path = config["cfg"], config["model_path"]
     total_steps, steps_per_epoch, pad_id = config["total_steps"], config["steps_per_epoch"], config["pad_id"]
@@ -92,16 +97,19 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     bf16 = config["bf16"]
     torch.manual_seed(cfg.seed)
+    collate_fn = collate_packed if cfg.packing else partial(collate, pad_id=pad_id)
+
+    def batch_of(sequences: list[dict[str, list]]) -> dict[str, Any]:
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in collate_fn(sequences).items()}
 
     model = build_model(cfg, model_path, torch.bfloat16 if bf16 else torch.float32)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, total_steps, bf16), dist_init_required=False)
     lora = cfg.method == "lora"
-    # DeepSpeed's schedulers hold lr at 0 until their first step() (which the engine makes after
-    # each optimizer step), so the first update would be wasted: step it to iteration 0 now.
-    # A resumed run's load_checkpoint below restores the scheduler's own position.
-    scheduler.step()
+    # the scheduler starts before iteration 0 (lr 0); move it to the first step's iteration (see
+    # deepspeed_config). A resumed run's load_checkpoint below restores its own position.
+    scheduler.step(FIRST_ITERATION)
 
     step, history, resumes = 0, [], []
     ckpt = ray.train.get_checkpoint()
@@ -123,9 +131,8 @@ def train_loop(config: dict[str, Any]) -> None:
         loss_sum = weight = 0.0
         with torch.no_grad():
             for batch in val_shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy"):
-                b = {k: v.to(device) for k, v in collate(_sequences(batch), pad_id).items()}
-                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                position_ids=b["position_ids"]).logits
+                b = batch_of(_sequences(batch))
+                logits = engine(**model_inputs(b)).logits
                 loss_sum += weighted_loss_sum(logits, b["labels"], b["weights"]).item()
                 weight += b["weights"][:, 1:].sum().item()
         engine.train()
@@ -152,9 +159,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if step >= total_steps:
             break
         skip = step - epoch * steps_per_epoch
+        t0 = time.perf_counter()  # a step's time includes waiting for its data, not evaluation or saving
         for window in _windows(train_shard, cfg, epoch, skip):
-            t0 = time.perf_counter()
-            batches = [{k: v.to(device) for k, v in collate(mb, pad_id).items()} for mb in window]
+            batches = [batch_of(mb) for mb in window]
             local_weight = sum(b["weights"][:, 1:].sum().item() for b in batches)
             local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
             seq_tokens = sum(len(s["input_ids"]) for mb in window for s in mb)  # real tokens, no padding
@@ -162,8 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
             scale = world * cfg.grad_accum / max(total_weight, 1e-9)
             loss_sum = 0.0
             for b in batches:
-                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                position_ids=b["position_ids"]).logits
+                logits = engine(**model_inputs(b)).logits
                 part = weighted_loss_sum(logits, b["labels"], b["weights"])
                 loss_sum += part.item()
                 engine.backward(part * scale)
@@ -175,7 +181,8 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {"step": step, "epoch": epoch, "loss": loss_sum / max(total_weight, 1e-9),
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
-                       "tokens_per_s": seq_tokens_all / seconds, "label_tokens": int(tokens)}
+                       "tokens": int(seq_tokens_all), "tokens_per_s": seq_tokens_all / seconds,
+                       "label_tokens": int(tokens), "time": time.time()}
             if peak:
                 flops_per_token = (6 if cfg.method == "full" else 4) * n_params
                 metrics["mfu"] = flops_per_token * seq_tokens_all / seconds / (peak * world)
@@ -189,6 +196,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             if last:
                 return
+            t0 = time.perf_counter()
     if step < total_steps or not metrics:
         raise RuntimeError(f"the data ran out at step {step} of {total_steps}")
 

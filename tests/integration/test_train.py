@@ -71,10 +71,12 @@ def check_run(out: Path, manifest: dict) -> list[dict]:
     return h
 
 
-def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated, tiny_model, ray_session):
+def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated, tiny_model, ray_session, capfd):
     out = tmp_path / "student"
     manifest = main(config(curated, out, tiny_model, zero={"stage": 2}), log=lambda *_: None)
     check_run(out, manifest)
+    # a local cluster has no state API; Ray Train's cleaner would warn about it every second
+    assert "State API may be temporarily unavailable" not in capfd.readouterr().err
     assert (out / "adapter" / "adapter_config.json").is_file()
     from transformers import AutoModelForCausalLM
 

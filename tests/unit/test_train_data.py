@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from jobs.common.config import ConfigError, build
-from jobs.train.config import TrainConfig, deepspeed_config
-from jobs.train.data import IGNORE, collate, example_sequence, pack, tokenize_example, weighted_loss_sum
+from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
+from jobs.train.attention import register
+from jobs.train.data import (IGNORE, collate, collate_packed, example_sequence, model_inputs, pack, tokenize_example,
+                             weighted_loss_sum)
 
 CHAT = [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "What is 2 + 3?"},
         {"role": "assistant", "content": "Step 1: Add 2 and 3.\nAnswer: 5"}]
@@ -46,49 +48,62 @@ def test_pack_fits_examples_whole_and_restarts_positions():
     assert all(len(p["input_ids"]) <= 12 for p in packed)
     assert sum(len(p["input_ids"]) for p in packed) == sum(len(s["input_ids"]) for s in items)
     assert len(packed) == 3  # 9+3, 7+5, 6+2 (first fit, longest first)
-    for p in packed:
-        for seg in set(p["segments"]):
-            pos = [q for q, s in zip(p["position_ids"], p["segments"]) if s == seg]
-            assert pos == list(range(len(pos)))
+    assert sorted(p["position_ids"] for p in packed) == [
+        list(range(6)) + list(range(2)), list(range(7)) + list(range(5)), list(range(9)) + list(range(3))]
     assert pack(items, 12) == packed  # deterministic
 
 
-def test_collate_mask_is_causal_within_examples():
-    b = collate(pack(seqs([3, 2]), max_len=8), pad_id=0)
-    m = b["attention_mask"][0, 0]
-    assert m.shape == (5, 5)
-    assert m[4, 3] and not m[3, 2] and not m[1, 2] and m[2, 0]  # 2nd example can't see the 1st
+def test_collate_pads_and_packed_collate_marks_examples():
     padded = collate(seqs([4, 2]), pad_id=0)
     assert padded["input_ids"].shape == (2, 4) and padded["labels"][1, 2:].eq(IGNORE).all()
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    b = collate_packed(pack(seqs([3, 2, 4]), max_len=5) + pack(seqs([6]), max_len=8))
+    assert b["input_ids"].shape == (1, 15) and "attention_mask" not in b
+    # examples in packing order (4; 3+2), then the 6 of the second sequence
+    assert b["cu_seq_lens_q"].tolist() == [0, 4, 7, 9, 15] and b["max_length_q"] == 6
+    # no example's first token is a target (the token before it belongs to another example)
+    assert all(b["labels"][0, i] == IGNORE and b["weights"][0, i] == 0 for i in (4, 7, 9))
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
+    """A tiny Llama with grouped-query attention, under cotd's varlen attention (plain sdpa
+    when a batch marks no examples)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2)
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = register()
     return LlamaForCausalLM(cfg).eval()
 
 
-def loss_of(model, sequences, pad_id=0):
-    b = collate(sequences, pad_id)
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+def loss_of(model, b):
+    logits = model(**model_inputs(b)).logits
     return weighted_loss_sum(logits, b["labels"], b["weights"]), b["weights"][:, 1:].sum()
 
 
-def test_packed_equals_padded_loss(tiny_lm):
+def test_packed_equals_padded_loss_and_gradient(tiny_lm):
     items = seqs([6, 11, 4, 9, 3])
-    padded, w1 = loss_of(tiny_lm, items)
-    packed, w2 = loss_of(tiny_lm, pack(items, max_len=16))
+    losses, grads = [], []
+    for b in (collate(items, pad_id=0), collate_packed(pack(items, max_len=16))):
+        tiny_lm.zero_grad()
+        loss, weight = loss_of(tiny_lm, b)
+        loss.backward()
+        losses.append((loss.item(), weight.item()))
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_lm.parameters()]))
+    (padded, w1), (packed, w2) = losses
     assert w1 == w2
-    assert packed.item() == pytest.approx(padded.item(), rel=1e-5)
+    assert packed == pytest.approx(padded, rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    # the same row without the example boundaries lets examples see each other: a different loss
+    unmarked = {k: v for k, v in collate_packed(pack(items, max_len=16)).items() if not k.startswith(("cu_", "max_"))}
+    assert loss_of(tiny_lm, unmarked)[0].item() != pytest.approx(padded, rel=1e-3)
 
 
 def test_masked_tokens_carry_no_gradient(tiny_lm):
     b = collate(seqs([8]), pad_id=0)
-    logits = tiny_lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+    logits = tiny_lm(**model_inputs(b)).logits
     logits.retain_grad()
     weighted_loss_sum(logits, b["labels"], b["weights"]).backward()
     per_position = logits.grad[0].abs().sum(-1)
@@ -99,8 +114,8 @@ def test_masked_tokens_carry_no_gradient(tiny_lm):
 
 
 def test_kind_weights_scale_the_loss(tiny_lm):
-    one, _ = loss_of(tiny_lm, seqs([6], weight=1.0))
-    half, _ = loss_of(tiny_lm, seqs([6], weight=0.5))
+    one, _ = loss_of(tiny_lm, collate(seqs([6], weight=1.0), pad_id=0))
+    half, _ = loss_of(tiny_lm, collate(seqs([6], weight=0.5), pad_id=0))
     assert half.item() == pytest.approx(one.item() / 2, rel=1e-6)
 
 
@@ -113,10 +128,36 @@ def test_deepspeed_config_is_derived():
     ds = deepspeed_config(cfg, total_steps=50, bf16=False)
     assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
-    assert ds["scheduler"]["params"]["total_num_steps"] == 50 and ds["bf16"]["enabled"] is False
-    assert ds["scheduler"]["params"]["warmup_min_ratio"] == 0.0  # warmup from 0 over warmup_steps
-    no_warmup = deepspeed_config(build(TrainConfig, {**BASE, "warmup_steps": 0, "schedule": "linear"}), 10, True)
-    assert no_warmup["scheduler"]["params"]["warmup_min_lr"] == no_warmup["scheduler"]["params"]["warmup_max_lr"]
+    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["bf16"]["enabled"] is False
+
+
+def lrs_of_steps(schedule: str, warmup: int, steps: int, lr: float = 1.0) -> list[float]:
+    """The learning rate each training step updates with, from DeepSpeed's own scheduler built
+    from cotd's config and moved as the training loop moves it."""
+    from deepspeed.runtime import lr_schedules
+
+    cfg = build(TrainConfig, {**BASE, "schedule": schedule, "warmup_steps": warmup, "lr": lr})
+    spec = deepspeed_config(cfg, total_steps=steps, bf16=False)["scheduler"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = getattr(lr_schedules, spec["type"])(opt, **spec["params"])
+    scheduler.step(FIRST_ITERATION)
+    used = []
+    for _ in range(steps):
+        used.append(opt.param_groups[0]["lr"])
+        scheduler.step()  # the engine steps it after each optimizer step
+    return used
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_no_step_trains_at_lr_zero_and_warmup_reaches_the_peak(schedule):
+    used = lrs_of_steps(schedule, warmup=4, steps=10)
+    assert used[:3] == pytest.approx([0.25, 0.5, 0.75])  # k / warmup: the first update counts
+    # DeepSpeed's cosine counts the step after warmup as its first step of decay: just under the peak
+    assert 0.95 <= max(used) <= 1.0 and min(used) > 0
+    if schedule != "constant":
+        assert used[3:] == sorted(used[3:], reverse=True) and used[-1] < 0.2
+    no_warmup = lrs_of_steps(schedule, warmup=0, steps=10)
+    assert no_warmup[0] >= 0.95 and min(no_warmup) > 0
 
 
 @pytest.mark.parametrize("over, message", [
