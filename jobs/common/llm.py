@@ -36,6 +36,9 @@ class LLMConfig:
     seeded: Literal["auto", "always", "never"] = doc(
         "pass each row's seed to the engine; auto: on GPU only (seeded sampling crashes vLLM's CPU engine "
         "when prompts are chunked). Unseeded rows still differ: each is sampled independently", "auto")
+    engine_metrics: bool = doc(
+        "export vLLM engine metrics (TTFT, TPOT, KV-cache use) to Ray's Prometheus endpoint; costs the "
+        "engine CPU at every step, as an offline vLLM run does without them", False)
     engine_kwargs: dict[str, Any] = doc("extra vLLM engine arguments (they win over the ones above)", {})
     # OpenAI-compatible HTTP server
     base_url: str | None = doc("openai backend: server base URL, e.g. http://host:8000/v1", None)
@@ -98,6 +101,24 @@ def sampling_params(s: SamplingConfig, seed: int | None) -> dict[str, Any]:
     return params
 
 
+def _final_only():
+    from vllm.sampling_params import RequestOutputKind
+
+    return RequestOutputKind.FINAL_ONLY
+
+
+class FinalOnly:
+    """vLLM's `RequestOutputKind.FINAL_ONLY`, made where it is unpickled: in the engine's process,
+    which has vLLM, and not in the preprocess worker, which then need not import it.
+
+    ray.data.llm awaits only a request's final output, but leaves `output_kind` at vLLM's default
+    (cumulative): the engine's front end then builds and delivers a full output of every request
+    at every step. Asking for the final output only, as an offline `vllm.LLM` does, saves that."""
+
+    def __reduce__(self):
+        return _final_only, ()
+
+
 class VLLMRequest:
     """preprocess for the vLLM processor: the engine's prompt and sampling parameters."""
 
@@ -105,7 +126,8 @@ class VLLMRequest:
         self.sampling, self.seeded = sampling, seeded
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"prompt": row["prompt"], "sampling_params": sampling_params(self.sampling, row["seed"] if self.seeded else None)}
+        params = sampling_params(self.sampling, row["seed"] if self.seeded else None)
+        return {"prompt": row["prompt"], "sampling_params": {**params, "output_kind": FinalOnly()}}
 
 
 class HTTPRequest:
@@ -126,6 +148,13 @@ def engine_kwargs(llm: LLMConfig) -> dict[str, Any]:
                           "tensor_parallel_size": llm.tensor_parallel_size}
     if not llm.use_gpu:
         kw["enforce_eager"] = True  # no CUDA graphs on CPU
+    # ray.data.llm builds its engine without vLLM's offline usage context, so vLLM would size its
+    # batches for an interactive server (128 sequences, 2048 tokens per step); throughput mode
+    # doubles those, which on CPU is exactly what an offline `vllm.LLM` uses.
+    kw["performance_mode"] = "throughput"
+    # and with per-step engine statistics on, which an offline `vllm.LLM` turns off: building
+    # them costs the engine core and the front end CPU at every step (see `engine_metrics`)
+    kw["disable_log_stats"] = not llm.engine_metrics
     kw.update(llm.engine_kwargs)
     return kw
 
@@ -153,6 +182,7 @@ def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
         accelerator_type=llm.accelerator_type,
         placement_group_config=placement,
         should_continue_on_error=True,
+        log_engine_metrics=llm.engine_metrics,
         # Prompts arrive already templated (we store them), and vLLM returns text: the
         # chat-template, tokenize and detokenize stages would only add CPU actors.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,

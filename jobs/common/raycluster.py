@@ -77,5 +77,8 @@ def init_ray(cfg: RayConfig, log=print) -> str:
     ctx.enable_per_node_metrics = False
     ctx.enable_get_object_locations_for_metrics = False
     ctx.enable_auto_log_stats = False
+    # rows may carry Python objects Arrow has no type for (a vLLM request's output kind, see
+    # jobs.common.llm.FinalOnly); Ray Data pickles those columns, and says so unless told to
+    ctx.enable_fallback_to_arrow_object_ext_type = True
     log(f"connected: {where}")
     return where

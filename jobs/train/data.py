@@ -46,24 +46,27 @@ def example_sequence(input_ids: list[int], labels: list[int], weight: float) -> 
             "position_ids": list(range(n))}
 
 
-def pack(sequences: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
-    """First-fit-decreasing packing of single-example sequences into sequences of at most
-    `max_len` tokens. Deterministic: ties keep input order. Examples are never split."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]["input_ids"]))
-    bins: list[dict[str, list]] = []
+def pack_bins(lengths: list[int], max_len: int) -> list[list[int]]:
+    """First-fit-decreasing packing: the indices of the items in each bin of at most `max_len`
+    tokens. Deterministic: ties keep input order. Items are never split."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        seq = sequences[i]
-        n = len(seq["input_ids"])
-        slot = next((b for b, r in enumerate(room) if r >= n), None)
+        slot = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
         if slot is None:
-            bins.append({k: [] for k in SEQ_FIELDS})
+            bins.append([])
             room.append(max_len)
             slot = len(bins) - 1
-        for k in SEQ_FIELDS:
-            bins[slot][k].extend(seq[k])
-        room[slot] -= n
+        bins[slot].append(i)
+        room[slot] -= lengths[i]
     return bins
+
+
+def pack(sequences: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
+    """Single-example sequences packed into sequences of at most `max_len` tokens (`pack_bins`)."""
+    bins = pack_bins([len(s["input_ids"]) for s in sequences], max_len)
+    return [{k: [x for i in b for x in sequences[i][k]] for k in SEQ_FIELDS} for b in bins]
 
 
 def collate(sequences: list[dict[str, list]], pad_id: int):
@@ -143,12 +146,14 @@ class Tokenize:
 
 
 class Pack:
-    """map_batches: single-example sequences -> packed sequences (within each batch)."""
+    """map_batches: single-example sequences -> packed sequences (within each batch); `truncated`
+    becomes the number of truncated examples in each packed sequence."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        seqs = [{k: list(batch[k][i]) for k in SEQ_FIELDS} for i in range(len(batch["input_ids"]))]
-        packed = pack(seqs, self.max_len)
-        return {k: [s[k] for s in packed] for k in SEQ_FIELDS}
+        bins = pack_bins([len(ids) for ids in batch["input_ids"]], self.max_len)
+        out = {k: [[x for i in b for x in batch[k][i]] for b in bins] for k in SEQ_FIELDS}
+        out["truncated"] = [int(sum(batch["truncated"][i] for i in b)) for b in bins]
+        return out

@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common.config import ConfigError, to_dict
+from jobs.common.models import resolve
+from jobs.common.raycluster import init_ray
 from jobs.common.runs import part_files, write_json
 from jobs.train.config import TrainConfig
+from jobs.train.data import Pack, Tokenize
+from jobs.train.loop import train_loop
 
 STAGE = "train"
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
@@ -37,8 +41,6 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     out = Path(cfg.out_dir).resolve()
 
     # validate: data, model and LoRA targets, before Ray or a worker starts
-    from jobs.common.models import resolve
-
     train_files, val_files = check_data(cfg.data)
     model_path = str(resolve(cfg.model, log=log))
     check_model(cfg, model_path)
@@ -48,10 +50,6 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # data: tokenized and packed on Ray Data, then streamed to the workers
-    import ray
-
-    from jobs.common.raycluster import init_ray
-
     init_ray(cfg.ray, log=log)
     train_ds, n_train, truncated = _sequences(cfg, model_path, train_files)
     val_ds, n_val, _ = _sequences(cfg, model_path, val_files) if val_files else (None, 0, 0)
@@ -138,18 +136,16 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
     every epoch and every restart streams the same sequences), its size and truncation count."""
     import ray
 
-    from jobs.train.data import Pack, Tokenize
-
     ds = ray.data.read_parquet([str(f) for f in files], columns=["messages", "kind"])
     ds = ds.random_shuffle(seed=cfg.seed)
     ds = ds.map_batches(Tokenize, fn_constructor_args=(model_path, cfg.max_seq_len, dict(cfg.weights)),
-                        batch_size=256, concurrency=1).materialize()
-    truncated = int(ds.sum("truncated") or 0) if ds.count() else 0
-    ds = ds.drop_columns(["truncated"])
+                        batch_size=256, concurrency=1)
     if cfg.packing:
         ds = ds.map_batches(Pack, fn_constructor_args=(cfg.max_seq_len,), batch_size=512, concurrency=1)
     ds = ds.materialize()
-    return ds, ds.count(), truncated
+    n = ds.count()
+    truncated = int(ds.sum("truncated") or 0) if n else 0
+    return ds.drop_columns(["truncated"]), n, truncated
 
 
 def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, total_steps: int,
@@ -159,8 +155,6 @@ def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, total
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.train.loop import train_loop
 
     s = cfg.scaling
     bf16 = cfg.precision == "bf16" and (not s.use_gpu or torch.cuda.is_available())

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.common.config import build
+from jobs.common.llm import LLMConfig, SamplingConfig, build_llm
 from jobs.common.runs import part_files, read_dataset
 from jobs.generate.config import GenerateConfig
 from jobs.generate.main import main
@@ -187,3 +188,12 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, setup, overri
     assert res.returncode == 2
     assert message in res.stderr and res.stderr.startswith("cotd: error:")
     assert not out.exists()
+
+
+def test_engine_computes_per_step_metrics_only_when_asked(ray_session, tiny_model):
+    """An offline vllm.LLM computes no per-step statistics; ray.data.llm's engine does unless told
+    not to, and exports them to Ray's Prometheus endpoint, which `engine_metrics` turns back on."""
+    for wanted in (False, True):
+        proc = build_llm(LLMConfig(model="tiny", engine_metrics=wanted), SamplingConfig(), str(tiny_model)).config
+        assert proc.log_engine_metrics is wanted and proc.engine_kwargs["disable_log_stats"] is not wanted
+

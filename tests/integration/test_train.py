@@ -5,6 +5,8 @@ vLLM load, and bad input refused before any worker starts."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -162,6 +164,33 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path, curated, tiny_model, r
     manifest = main(config(curated, out, tiny_model, max_failures=2), log=lambda *_: None)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
+    assert len(manifest["resumed_at_steps"]) == 1 and manifest["resumed_at_steps"][0] >= 3
+    check_run(out, manifest)
+
+
+def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, curated, tiny_model, ray_session):
+    """SIGKILL the whole `cotd train` job (driver, its Ray, the workers) after its first checkpoint,
+    then run the same command again: it continues from that checkpoint, not from step 0."""
+    out = tmp_path / "student"
+    settings = {"data": str(curated), "out_dir": str(out), "model": str(tiny_model), "precision": "fp32",
+                "max_seq_len": 256, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1,
+                "epochs": 4, "eval_every": 3, "save_every": 3, "max_failures": 0, "lora": {"dropout": 0.0},
+                "scaling": {"num_workers": 2}}
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(json.dumps(settings))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    snapshot = out / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (snapshot.is_file() and "step-" in snapshot.read_text()):
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the first run ended (exit {proc.returncode}) before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    manifest = main(build(TrainConfig, settings), log=lambda *_: None)
     assert len(manifest["resumed_at_steps"]) == 1 and manifest["resumed_at_steps"][0] >= 3
     check_run(out, manifest)
 

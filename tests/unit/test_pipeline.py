@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
+import torch
 
 from jobs.common.config import build
 from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
-from jobs.common.llm import HTTPRequest, VLLMRequest
+from jobs.common.llm import HTTPRequest, LLMConfig, VLLMRequest, engine_kwargs
 from jobs.generate.pipeline import chain_seed, finish_rows, plan_rows
 from jobs.generate.report import format_table, summarize
 from jobs.generate.schema import CHAIN_SCHEMA
@@ -57,6 +59,36 @@ def test_requests_carry_seeds_only_when_asked():
     payload = HTTPRequest(CFG.sampling, "teacher-x", seeded=True)(row)["payload"]
     assert payload["model"] == "teacher-x" and payload["messages"] == json.loads(row["prompt_messages"])
     assert payload["max_tokens"] == CFG.sampling.max_tokens
+
+
+def test_engine_is_asked_for_final_outputs_only():
+    """The request reaches the engine's process pickled (Ray Data) and asks for the final output
+    only, as an offline vllm.LLM does, instead of one output per request per step."""
+    import pickle
+
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sent = VLLMRequest(CFG.sampling, seeded=False)(planned()[0] | {"prompt": "PROMPT"})["sampling_params"]
+    params = SamplingParams(**pickle.loads(pickle.dumps(sent)))
+    assert params.output_kind is RequestOutputKind.FINAL_ONLY and params.max_tokens == CFG.sampling.max_tokens
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's offline batch sizes on a GPU depend on its model; "
+                    "cotd's match them on CPU")
+def test_engine_batches_as_many_sequences_as_offline_vllm(tiny_model):
+    """ray.data.llm's engine gets vLLM's interactive-server batch sizes unless asked otherwise;
+    cotd's engine arguments give it what an offline vllm.LLM uses on this machine."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    kw = engine_kwargs(LLMConfig(model=str(tiny_model)))
+    ours = EngineArgs(model=str(tiny_model), **kw).create_engine_config().scheduler_config
+    plain = {k: v for k, v in kw.items() if k != "performance_mode"}
+    offline = EngineArgs(model=str(tiny_model), **plain).create_engine_config(UsageContext.LLM_CLASS).scheduler_config
+    served = EngineArgs(model=str(tiny_model), **plain).create_engine_config().scheduler_config
+    assert ours.max_num_seqs == offline.max_num_seqs > served.max_num_seqs
+    assert ours.max_num_batched_tokens == offline.max_num_batched_tokens
 
 
 def engine_rows():

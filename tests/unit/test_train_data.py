@@ -9,8 +9,8 @@ import torch
 from jobs.common.config import ConfigError, build
 from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
 from jobs.train.attention import register
-from jobs.train.data import (IGNORE, collate, collate_packed, example_sequence, model_inputs, pack, tokenize_example,
-                             weighted_loss_sum)
+from jobs.train.data import (IGNORE, Pack, SEQ_FIELDS, collate, collate_packed, example_sequence, model_inputs, pack,
+                             tokenize_example, weighted_loss_sum)
 
 CHAT = [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "What is 2 + 3?"},
         {"role": "assistant", "content": "Step 1: Add 2 and 3.\nAnswer: 5"}]
@@ -51,6 +51,19 @@ def test_pack_fits_examples_whole_and_restarts_positions():
     assert sorted(p["position_ids"] for p in packed) == [
         list(range(6)) + list(range(2)), list(range(7)) + list(range(5)), list(range(9)) + list(range(3))]
     assert pack(items, 12) == packed  # deterministic
+
+
+def test_pack_stage_packs_a_batch_and_counts_its_truncated_examples():
+    """The Ray Data stage packs as `pack` does and carries how many cut examples each sequence holds."""
+    import numpy as np
+
+    items = seqs([5, 9, 3, 7, 2, 6])
+    batch = {k: np.array([np.array(s[k]) for s in items], dtype=object) for k in SEQ_FIELDS}
+    batch["truncated"] = np.array([True, True, False, False, True, False])
+    out = Pack(12)(batch)
+    assert [{k: [int(x) if k != "weights" else x for x in out[k][i]] for k in SEQ_FIELDS}
+            for i in range(len(out["input_ids"]))] == pack(items, 12)
+    assert out["truncated"] == [1, 1, 1]  # 9+3, 7+5, 6+2: one cut example in each
 
 
 def test_collate_pads_and_packed_collate_marks_examples():
