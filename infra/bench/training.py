@@ -31,24 +31,28 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
+def chain_examples(chains: Path) -> list[tuple[dict, list[dict[str, str]]]]:
+    """(chain row, training chat) for every answered chain of a generate run: the zero-shot
+    student prompt, the chain as the answer."""
+    from jobs.common.runs import read_dataset
+    from jobs.formats.prompts import build_messages
+
+    return [(r, build_messages(r["question"], fmt=r["format"], difficulty=r["difficulty"], granularity="fine",
+                               exemplars=[]) + [{"role": "assistant", "content": r["chain"]}])
+            for r in read_dataset(chains).to_pylist() if r["status"] == "ok"]
+
+
 def examples_from_chains(chains: Path, out: Path) -> int:
     """A curated-style dataset (train/ only) holding every answered chain as a rationale example."""
     import pyarrow as pa
 
-    from jobs.common.runs import PartWriter, read_dataset
+    from jobs.common.runs import PartWriter
     from jobs.curate.examples import EXAMPLE_SCHEMA
-    from jobs.formats.prompts import build_messages
 
-    rows = []
-    for r in read_dataset(chains).to_pylist():
-        if r["status"] != "ok":
-            continue
-        messages = build_messages(r["question"], fmt=r["format"], difficulty=r["difficulty"], granularity="fine",
-                                  exemplars=[]) + [{"role": "assistant", "content": r["chain"]}]
-        rows.append({"example_id": f"{r['problem_id']}#{r['path_index']}", "kind": "rationale",
-                     "problem_id": r["problem_id"], "path_index": r["path_index"], "category": r["category"],
-                     "difficulty": r["difficulty"], "format": r["format"], "num_steps": r["num_steps"],
-                     "messages": json.dumps(messages)})
+    rows = [{"example_id": f"{r['problem_id']}#{r['path_index']}", "kind": "rationale", "problem_id": r["problem_id"],
+             "path_index": r["path_index"], "category": r["category"], "difficulty": r["difficulty"],
+             "format": r["format"], "num_steps": r["num_steps"], "messages": json.dumps(messages)}
+            for r, messages in chain_examples(chains)]
     PartWriter(out / "train", EXAMPLE_SCHEMA).write(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA))
     return len(rows)
 

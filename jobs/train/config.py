@@ -76,6 +76,8 @@ class TrainConfig:
     epochs: int = doc("passes over the training set", 1)
     max_steps: int | None = doc("stop after this many optimizer steps (null: epochs decide)", None)
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+    compile: bool = doc("compile each decoder layer with torch.compile: fewer, fused kernels (pays off on GPUs, "
+                        "where eager PyTorch leaves the GPU waiting on kernel launches); the first steps compile", False)
     weights: dict[str, float] = doc("loss weight per example kind (mixed objectives)", {"rationale": 1.0, "self_eval": 0.5, "general": 1.0})
     eval_every: int = doc("validation loss every N optimizer steps (0: only at the end)", 20)
     save_every: int = doc("checkpoint every N optimizer steps (0: only at the end)", 20)
@@ -101,6 +103,9 @@ class TrainConfig:
         bad = {k: v for k, v in self.weights.items() if k not in ("rationale", "self_eval", "general") or v < 0}
         if bad:
             raise ValueError(f"weights: kinds are rationale, self_eval, general with weights >= 0; got {bad}")
+        if self.compile and self.zero.stage == 3:
+            raise ValueError("compile with zero.stage 3: ZeRO-3 gathers each layer's weights through module hooks, "
+                             "and cotd has not verified torch.compile across them; use stage 0-2 or compile: false")
         if self.zero.offload_params and self.method == "lora":
             raise ValueError("zero.offload_params with method lora: the frozen base weights gain nothing "
                              "from ZeRO-3 parameter offload here; use method: full or turn it off")

@@ -44,6 +44,15 @@ def build_model(cfg, model_path: str, dtype):
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+    if cfg.compile:
+        # in place, layer by layer: the module tree and its state dict keys stay as they are
+        # (checkpoints, export and resume are unchanged); packed rows vary in length, so the
+        # graphs take the token count as a symbol rather than recompiling per length
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        if not layers:
+            raise ValueError(f"compile: found no decoder layers in {type(model).__name__}")
+        for layer in layers:
+            layer.compile(dynamic=True)
     return model
 
 
@@ -70,6 +79,24 @@ def _windows(shard, cfg, epoch: int, skip: int):
             window = []
 
 
+def optimizer_step(engine, batches: list[dict[str, Any]], local_weight: float, world: int, grad_accum: int,
+                   device) -> tuple[Any, float]:
+    """One optimizer step of the DeepSpeed `engine` over this worker's micro-batches (collated and
+    on `device`; their label weight is `local_weight`): (this worker's weighted loss sum, as a
+    tensor that has not been waited for, and the label weight of the step over all workers)."""
+    from jobs.train.data import model_inputs, weighted_loss_sum
+
+    total_weight, = _all_reduce([local_weight], device)
+    scale = world * grad_accum / max(total_weight, 1e-9)
+    loss_sum = 0.0
+    for b in batches:
+        part = weighted_loss_sum(engine(**model_inputs(b)).logits, b["labels"], b["weights"])
+        loss_sum = loss_sum + part.detach()
+        engine.backward(part * scale)
+        engine.step()
+    return loss_sum, total_weight
+
+
 def _all_reduce(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -87,6 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from jobs.train.config import FIRST_ITERATION, deepspeed_config
     from jobs.train.data import collate, collate_packed, model_inputs, weighted_loss_sum
+    from jobs.train.flops import StepFlops, example_lengths, peak_flops
 
     cfg, model_path = config["cfg"], config["model_path"]
     total_steps, steps_per_epoch, pad_id = config["total_steps"], config["steps_per_epoch"], config["pad_id"]
@@ -99,8 +127,11 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     collate_fn = collate_packed if cfg.packing else partial(collate, pad_id=pad_id)
 
+    def on_device(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
     def batch_of(sequences: list[dict[str, list]]) -> dict[str, Any]:
-        return {k: v.to(device) if hasattr(v, "to") else v for k, v in collate_fn(sequences).items()}
+        return on_device(collate_fn(sequences))
 
     model = build_model(cfg, model_path, torch.bfloat16 if bf16 else torch.float32)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -119,8 +150,8 @@ def train_loop(config: dict[str, Any]) -> None:
             state = json.loads((Path(d) / STATE_FILE).read_text())
             step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
 
-    n_params = sum(p.numel() for p in model.parameters())
-    peak = config.get("peak_flops")
+    step_flops = StepFlops(model)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if cfg.scaling.use_gpu else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
 
@@ -161,21 +192,16 @@ def train_loop(config: dict[str, Any]) -> None:
         skip = step - epoch * steps_per_epoch
         t0 = time.perf_counter()  # a step's time includes waiting for its data, not evaluation or saving
         for window in _windows(train_shard, cfg, epoch, skip):
-            batches = [batch_of(mb) for mb in window]
-            local_weight = sum(b["weights"][:, 1:].sum().item() for b in batches)
-            local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+            cpu_batches = [collate_fn(mb) for mb in window]
+            local_weight = sum(float(b["weights"][:, 1:].sum()) for b in cpu_batches)
+            local_tokens = sum(int((b["labels"] != -100).sum()) for b in cpu_batches)
             seq_tokens = sum(len(s["input_ids"]) for mb in window for s in mb)  # real tokens, no padding
-            total_weight, = _all_reduce([local_weight], device)
-            scale = world * cfg.grad_accum / max(total_weight, 1e-9)
-            loss_sum = 0.0
-            for b in batches:
-                logits = engine(**model_inputs(b)).logits
-                part = weighted_loss_sum(logits, b["labels"], b["weights"])
-                loss_sum += part.item()
-                engine.backward(part * scale)
-                engine.step()
+            flops = step_flops(n for mb in window for s in mb for n in example_lengths(s["position_ids"]))
+            loss_sum, total_weight = optimizer_step(engine, [on_device(b) for b in cpu_batches], local_weight, world,
+                                                    cfg.grad_accum, device)
             step += 1
-            loss_sum, tokens, seq_tokens_all = _all_reduce([loss_sum, local_tokens, seq_tokens], device)
+            loss_sum, tokens, seq_tokens_all, flops_all = _all_reduce([float(loss_sum), local_tokens, seq_tokens, flops],
+                                                                      device)
             seconds = time.perf_counter() - t0
             grad_norm = engine.get_global_grad_norm()
             metrics = {"step": step, "epoch": epoch, "loss": loss_sum / max(total_weight, 1e-9),
@@ -184,8 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
                        "tokens": int(seq_tokens_all), "tokens_per_s": seq_tokens_all / seconds,
                        "label_tokens": int(tokens), "time": time.time()}
             if peak:
-                flops_per_token = (6 if cfg.method == "full" else 4) * n_params
-                metrics["mfu"] = flops_per_token * seq_tokens_all / seconds / (peak * world)
+                metrics["mfu"] = flops_all / seconds / (peak * world)
             last = step >= total_steps
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                 metrics["val_loss"] = evaluate()

@@ -29,7 +29,6 @@ from jobs.train.data import Pack, Tokenize
 from jobs.train.loop import train_loop
 
 STAGE = "train"
-H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
 
 
 class TrainError(ValueError):
@@ -162,8 +161,7 @@ def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, total
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "model_path": model_path, "total_steps": total_steps, "bf16": bf16,
-                           "steps_per_epoch": steps_per_epoch, "pad_id": pad_id, "has_val": val_ds is not None,
-                           "peak_flops": H100_BF16_FLOPS if s.use_gpu else None},
+                           "steps_per_epoch": steps_per_epoch, "pad_id": pad_id, "has_val": val_ds is not None},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=RayScaling(num_workers=s.num_workers, use_gpu=s.use_gpu, accelerator_type=s.accelerator_type,
                                   resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),

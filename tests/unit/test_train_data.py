@@ -180,6 +180,7 @@ def test_no_step_trains_at_lr_zero_and_warmup_reaches_the_peak(schedule):
     ({"zero": {"stage": 4}}, "stage must be 0, 1, 2 or 3"),
     ({"weights": {"rationale": 1.0, "chitchat": 1.0}}, "weights: kinds are"),
     ({"micro_batch_size": 0}, "micro_batch_size must be >= 1"),
+    ({"compile": True, "zero": {"stage": 3}}, "compile with zero.stage 3"),
 ])
 def test_bad_train_config(over, message):
     with pytest.raises(ConfigError, match=message):
