@@ -53,8 +53,10 @@ class StepFlops:
 
         linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         seen = {id(w): w for w in linear}.values()  # a tied output head is one weight, once
-        weights = sum(w.numel() for w in seen)
-        trained = sum(w.numel() for w in seen if w.requires_grad)
+        # ZeRO-3 leaves each rank an empty placeholder and keeps the full size in ds_numel
+        size = {id(w): getattr(w, "ds_numel", w.numel()) for w in seen}
+        weights = sum(size[id(w)] for w in seen)
+        trained = sum(size[id(w)] for w in seen if w.requires_grad)
         self.per_token = 4 * weights + 2 * trained
         cfg = model.config
         heads = cfg.num_attention_heads

@@ -36,6 +36,18 @@ def test_lora_counts_no_gradient_for_frozen_weights():
     assert StepFlops(model).per_token == 4 * (LINEAR + lora) + 2 * lora
 
 
+def test_zero3_partitioned_weights_count_at_full_size():
+    import torch
+
+    model = tiny(True)
+    expected = StepFlops(model).per_token
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):  # what ZeRO-3 leaves on a rank: an empty tensor, the size aside
+            m.weight.ds_numel = m.weight.numel()
+            m.weight.data = torch.empty(0)
+    assert StepFlops(model).per_token == expected
+
+
 def test_example_lengths_split_at_restarting_positions():
     assert example_lengths([0, 1, 2, 0, 1, 0]) == [3, 2, 1]
     assert example_lengths(range(5)) == [5]
