@@ -91,7 +91,8 @@ def plain_rate(cfg, model_path: str) -> tuple[float, list[float]]:
 
     from jobs.common.runs import read_dataset
     from jobs.train.attention import register
-    from jobs.train.data import collate_packed, example_sequence, model_inputs, pack, tokenize_example, weighted_loss_sum
+    from jobs.train.data import collate_packed, example_sequence, model_inputs, pack, tokenize_example
+    from jobs.train.loss import weighted_loss_sum
 
     torch.set_num_threads(cfg.scaling.cpus_per_worker)  # what Ray gives the cotd worker (OMP_NUM_THREADS)
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -124,7 +124,7 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
         "zero": {"stage": args.zero}, "packing": not args.padded, "max_seq_len": args.max_seq_len,
         "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum, "lr": 1e-5 if method == "full" else 2e-4,
         "warmup_steps": 0, "gradient_checkpointing": args.gradient_checkpointing,
-        "compile": args.compile,
+        "compile": args.compile, "loss_chunk_tokens": args.loss_chunk,
         "scaling": {"num_workers": 1, "use_gpu": True}})
     total = args.warmup + args.steps
     device = torch.device("cuda", 0)
@@ -149,17 +149,20 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
         cpu = [collate_fn(mb) for mb in window]
         weight = sum(float(b["weights"][:, 1:].sum()) for b in cpu)
         batches = [{k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in b.items()} for b in cpu]
-        loss_sum, total_weight = optimizer_step(engine, batches, weight, 1, cfg.grad_accum, device)
+        loss_sum, total_weight = optimizer_step(engine, batches, weight, 1, cfg.grad_accum, device,
+                                                cfg.loss_chunk_tokens)
         losses.append(float(loss_sum) / total_weight)  # waits for the step, as the training loop's report does
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(s["input_ids"]) for mb in window for s in mb))
-            flops.append(step_flops(n for mb in window for s in mb for n in example_lengths(s["position_ids"])))
+            labels = sum(int((b["labels"] != -100).sum()) for b in cpu)
+            flops.append(step_flops((n for mb in window for s in mb for n in example_lengths(s["position_ids"])), labels))
     if args.profile:
-        profile_step(lambda: optimizer_step(engine, batches, weight, 1, cfg.grad_accum, device))
+        profile_step(lambda: optimizer_step(engine, batches, weight, 1, cfg.grad_accum, device, cfg.loss_chunk_tokens))
     seconds = sum(times)
-    row = {"method": method, "zero": cfg.zero.stage, "compile": cfg.compile, "micro_batch": cfg.micro_batch_size, "packing": cfg.packing, "tokens_per_step": tokens[0],
+    row = {"method": method, "zero": cfg.zero.stage, "compile": cfg.compile, "loss_chunk": cfg.loss_chunk_tokens,
+           "micro_batch": cfg.micro_batch_size, "packing": cfg.packing, "tokens_per_step": tokens[0],
            "tok_s": sum(tokens) / seconds, "tflops": sum(flops) / seconds / 1e12,
            "mfu": sum(flops) / seconds / peak if peak else None, "of_matmul": sum(flops) / seconds / matmul,
            "step_s_median": statistics.median(times), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -258,6 +261,7 @@ def main() -> None:
     rp.add_argument("--padded", action="store_true", help="padded batches instead of packed")
     rp.add_argument("--gradient-checkpointing", action="store_true")
     rp.add_argument("--compile", action="store_true", help="train with compile: true (torch.compile per layer)")
+    rp.add_argument("--loss-chunk", type=int, default=0, help="train with loss_chunk_tokens (0: loss from the logits)")
     rp.add_argument("--warmup", type=int, default=3)
     rp.add_argument("--steps", type=int, default=10)
     rp.add_argument("--profile", action="store_true", help="print a profile of one more step")

@@ -31,6 +31,10 @@ EXAMPLE_SCHEMA = pa.schema([
     pa.field("format", pa.string()),                      # pre | post (rationale), null otherwise
     pa.field("num_steps", pa.int32()),
     pa.field("messages", pa.string()),                    # JSON chat; the last message is the target
+    # how an answer to the problem is checked (jobs.tasks.verify.score), for answer accuracy
+    pa.field("gold_answer", pa.string()),
+    pa.field("verifier", pa.string()),
+    pa.field("metadata", pa.string()),
 ])
 
 
@@ -48,6 +52,11 @@ def val_ids(ids: set[str] | list[str], fraction: float, seed: int) -> set[str]:
     return set(sorted(ids, key=lambda i: rank_key(seed, i))[:n])
 
 
+def answer_check(row: dict[str, Any]) -> dict[str, Any]:
+    """A chain's problem's gold answer, verifier and metadata (None where the row lacks them)."""
+    return {k: row.get(k) for k in ("gold_answer", "verifier", "metadata")}
+
+
 def rationale_example(row: dict[str, Any], cfg: ExampleConfig) -> dict[str, Any]:
     """A kept chain as the student should write it: steps regrouped to the student's granularity,
     rendered in the student's format, after the student's (zero-shot) prompt."""
@@ -58,7 +67,8 @@ def rationale_example(row: dict[str, Any], cfg: ExampleConfig) -> dict[str, Any]
     messages.append({"role": "assistant", "content": render_solution(steps, row["answer"], fmt)})
     return {"example_id": f"{row['problem_id']}#{row['path_index']}", "kind": RATIONALE,
             "problem_id": row["problem_id"], "path_index": row["path_index"], "category": row["category"],
-            "difficulty": row["difficulty"], "format": fmt, "num_steps": len(steps), "messages": json.dumps(messages)}
+            "difficulty": row["difficulty"], "format": fmt, "num_steps": len(steps), "messages": json.dumps(messages),
+            **answer_check(row)}
 
 
 def self_eval_example(row: dict[str, Any], judgement: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +77,8 @@ def self_eval_example(row: dict[str, Any], judgement: dict[str, Any]) -> dict[st
     messages.append({"role": "assistant", "content": render_judgement(judgement)})
     return {"example_id": f"{row['problem_id']}#{row['path_index']}#eval", "kind": SELF_EVAL,
             "problem_id": row["problem_id"], "path_index": row["path_index"], "category": row["category"],
-            "difficulty": row["difficulty"], "format": None, "num_steps": None, "messages": json.dumps(messages)}
+            "difficulty": row["difficulty"], "format": None, "num_steps": None, "messages": json.dumps(messages),
+            **answer_check(row)}
 
 
 def general_examples(problems: list[Problem], n: int, seed: int) -> list[dict[str, Any]]:
@@ -77,5 +88,6 @@ def general_examples(problems: list[Problem], n: int, seed: int) -> list[dict[st
     return [{"example_id": f"general#{p.id}", "kind": GENERAL, "problem_id": p.id, "path_index": None,
              "category": p.category, "difficulty": p.difficulty, "format": None, "num_steps": None,
              "messages": json.dumps([{"role": "user", "content": p.question},
-                                     {"role": "assistant", "content": p.answer.strip()}])}
+                                     {"role": "assistant", "content": p.answer.strip()}]),
+             "gold_answer": p.answer, "verifier": p.verifier, "metadata": p.metadata}
             for p in sorted(chosen, key=lambda p: p.id)]

@@ -19,7 +19,7 @@ from jobs.curate.filters import screen, select
 
 # the chain columns curation reads
 CHAIN_COLUMNS = ("problem_id", "path_index", "category", "difficulty", "question", "gold_answer", "verifier",
-                 "format", "chain", "finish_reason", "steps", "num_steps", "answer", "correct", "output_tokens",
+                 "metadata", "format", "chain", "finish_reason", "steps", "num_steps", "answer", "correct", "output_tokens",
                  "status")
 
 CANDIDATE_SCHEMA = pa.schema([("problem_id", pa.string()), ("path_index", pa.int32()), ("question", pa.string()),

@@ -78,8 +78,15 @@ class TrainConfig:
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
     compile: bool = doc("compile each decoder layer with torch.compile: fewer, fused kernels (pays off on GPUs, "
                         "where eager PyTorch leaves the GPU waiting on kernel launches); the first steps compile", False)
+    loss_chunk_tokens: int = doc(
+        "compute the loss from the output head this many label tokens at a time, never holding a micro-batch's "
+        "logits (float32 logits of a 150k vocabulary take ~2.3 GiB per 4096 tokens); 0: from the model's logits", 0)
     weights: dict[str, float] = doc("loss weight per example kind (mixed objectives)", {"rationale": 1.0, "self_eval": 0.5, "general": 1.0})
     eval_every: int = doc("validation loss every N optimizer steps (0: only at the end)", 20)
+    val_accuracy_samples: int = doc(
+        "at each validation also answer accuracy: the student answers this many validation problems (greedy, "
+        "its own prompt) and each answer is checked as the teacher's were; 0: off", 0)
+    val_accuracy_max_tokens: int = doc("longest answer in the accuracy check, in tokens", 512)
     save_every: int = doc("checkpoint every N optimizer steps (0: only at the end)", 20)
     keep_checkpoints: int = doc("checkpoints Ray Train keeps", 2)
     max_failures: int = doc("worker failures survived by restarting from the latest checkpoint", 2)
@@ -88,14 +95,15 @@ class TrainConfig:
     ray: RayConfig = doc("where to run", RayConfig())
 
     def check(self) -> None:
-        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "epochs"):
+        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "epochs", "val_accuracy_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        for name in ("warmup_steps", "eval_every", "save_every", "max_failures"):
+        for name in ("warmup_steps", "eval_every", "save_every", "max_failures", "loss_chunk_tokens",
+                     "val_accuracy_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
@@ -106,6 +114,9 @@ class TrainConfig:
         if self.compile and self.zero.stage == 3:
             raise ValueError("compile with zero.stage 3: ZeRO-3 gathers each layer's weights through module hooks, "
                              "and cotd has not verified torch.compile across them; use stage 0-2 or compile: false")
+        if self.loss_chunk_tokens and self.zero.stage == 3:
+            raise ValueError("loss_chunk_tokens with zero.stage 3: the chunked loss reads the output head's weight "
+                             "outside its module, where ZeRO-3 has not gathered it; use stage 0-2 or loss_chunk_tokens: 0")
         if self.zero.offload_params and self.method == "lora":
             raise ValueError("zero.offload_params with method lora: the frozen base weights gain nothing "
                              "from ZeRO-3 parameter offload here; use method: full or turn it off")

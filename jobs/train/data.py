@@ -110,17 +110,6 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
-def weighted_loss_sum(logits, labels, weights):
-    """Sum over label tokens of weight x next-token cross-entropy (the caller normalizes)."""
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                         ignore_index=IGNORE, reduction="none")
-    return (ce * weights[:, 1:].reshape(-1)).sum()
-
-
 class Tokenize:
     """map_batches over curated examples -> single-example sequences (Arrow lists). Carries the
     kind's loss weight; counts truncated examples in `truncated`."""

@@ -44,6 +44,10 @@ def build_model(cfg, model_path: str, dtype):
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+    if cfg.loss_chunk_tokens:
+        from jobs.train.loss import decoder_and_head
+
+        decoder_and_head(model)  # the model's head must allow the chunked loss: say so before training
     if cfg.compile:
         # in place, layer by layer: the module tree and its state dict keys stay as they are
         # (checkpoints, export and resume are unchanged); packed rows vary in length, so the
@@ -80,17 +84,18 @@ def _windows(shard, cfg, epoch: int, skip: int):
 
 
 def optimizer_step(engine, batches: list[dict[str, Any]], local_weight: float, world: int, grad_accum: int,
-                   device) -> tuple[Any, float]:
+                   device, loss_chunk: int = 0) -> tuple[Any, float]:
     """One optimizer step of the DeepSpeed `engine` over this worker's micro-batches (collated and
     on `device`; their label weight is `local_weight`): (this worker's weighted loss sum, as a
-    tensor that has not been waited for, and the label weight of the step over all workers)."""
-    from jobs.train.data import model_inputs, weighted_loss_sum
+    tensor that has not been waited for, and the label weight of the step over all workers).
+    `loss_chunk`: see jobs.train.loss.loss_sum."""
+    from jobs.train.loss import loss_sum as batch_loss_sum
 
     total_weight, = _all_reduce([local_weight], device)
     scale = world * grad_accum / max(total_weight, 1e-9)
     loss_sum = 0.0
     for b in batches:
-        part = weighted_loss_sum(engine(**model_inputs(b)).logits, b["labels"], b["weights"])
+        part = batch_loss_sum(engine, b, loss_chunk)
         loss_sum = loss_sum + part.detach()
         engine.backward(part * scale)
         engine.step()
@@ -113,8 +118,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from jobs.train.config import FIRST_ITERATION, deepspeed_config
-    from jobs.train.data import collate, collate_packed, model_inputs, weighted_loss_sum
+    from jobs.train.data import collate, collate_packed
     from jobs.train.flops import StepFlops, example_lengths, peak_flops
+    from jobs.train.loss import loss_sum as batch_loss_sum
 
     cfg, model_path = config["cfg"], config["model_path"]
     total_steps, steps_per_epoch, pad_id = config["total_steps"], config["steps_per_epoch"], config["pad_id"]
@@ -163,12 +169,27 @@ def train_loop(config: dict[str, Any]) -> None:
         with torch.no_grad():
             for batch in val_shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy"):
                 b = batch_of(_sequences(batch))
-                logits = engine(**model_inputs(b)).logits
-                loss_sum += weighted_loss_sum(logits, b["labels"], b["weights"]).item()
+                loss_sum += batch_loss_sum(engine, b, cfg.loss_chunk_tokens).item()
                 weight += b["weights"][:, 1:].sum().item()
         engine.train()
         loss_sum, weight = _all_reduce([loss_sum, weight], device)
         return loss_sum / weight if weight else None
+
+    sample = config.get("accuracy_sample") or []
+    if sample:
+        from transformers import AutoTokenizer
+
+        from jobs.train.accuracy import answer_accuracy
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def accuracy() -> float:
+        engine.eval()
+        correct, answered = answer_accuracy(engine.module, sample, rank, world, tokenizer, cfg.val_accuracy_max_tokens,
+                                            device, synced=cfg.zero.stage == 3)
+        engine.train()
+        correct, answered = _all_reduce([correct, answered], device)
+        return correct / answered
 
     def save(metrics: dict[str, Any], final: bool) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -196,9 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
             local_weight = sum(float(b["weights"][:, 1:].sum()) for b in cpu_batches)
             local_tokens = sum(int((b["labels"] != -100).sum()) for b in cpu_batches)
             seq_tokens = sum(len(s["input_ids"]) for mb in window for s in mb)  # real tokens, no padding
-            flops = step_flops(n for mb in window for s in mb for n in example_lengths(s["position_ids"]))
+            flops = step_flops((n for mb in window for s in mb for n in example_lengths(s["position_ids"])), local_tokens)
             loss_sum, total_weight = optimizer_step(engine, [on_device(b) for b in cpu_batches], local_weight, world,
-                                                    cfg.grad_accum, device)
+                                                    cfg.grad_accum, device, cfg.loss_chunk_tokens)
             step += 1
             loss_sum, tokens, seq_tokens_all, flops_all = _all_reduce([float(loss_sum), local_tokens, seq_tokens, flops],
                                                                       device)
@@ -214,6 +235,8 @@ def train_loop(config: dict[str, Any]) -> None:
             last = step >= total_steps
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                 metrics["val_loss"] = evaluate()
+                if sample:
+                    metrics["val_accuracy"] = accuracy()
             history.append(metrics)
             if last or (cfg.save_every and step % cfg.save_every == 0):
                 save(metrics, final=last)

@@ -24,6 +24,7 @@ from jobs.common.config import ConfigError, to_dict
 from jobs.common.models import resolve
 from jobs.common.raycluster import init_ray
 from jobs.common.runs import part_files, write_json
+from jobs.train.accuracy import accuracy_sample
 from jobs.train.config import TrainConfig
 from jobs.train.data import Pack, Tokenize
 from jobs.train.loop import train_loop
@@ -48,6 +49,15 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    sample = []
+    if cfg.val_accuracy_samples:
+        if not val_files:
+            raise ConfigError(f"val_accuracy_samples: {cfg.data} has no validation split to sample")
+        try:
+            sample = accuracy_sample(val_files, cfg.val_accuracy_samples, cfg.seed, tokenizer)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+
     # data: tokenized and packed on Ray Data, then streamed to the workers
     init_ray(cfg.ray, log=log)
     train_ds, n_train, truncated = _sequences(cfg, model_path, train_files)
@@ -64,7 +74,7 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
         f"{total_steps} steps of {per_step} sequences on {cfg.scaling.num_workers} workers")
 
     # run
-    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, total_steps, steps_per_epoch, out, log)
+    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, sample, total_steps, steps_per_epoch, out, log)
 
     # export and summarize
     with result.checkpoint.as_directory() as d:
@@ -83,7 +93,9 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     write_json(out / "manifest.json", manifest)
     _model_card(cfg, manifest, out)
     log(f"trained {final['step']} steps: loss {history[0]['loss']:.4f} -> {final['loss']:.4f}"
-        + (f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""))
+        + (f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else "")
+        + (f", val answer accuracy {final['val_accuracy']:.3f} on {len(sample)} problems"
+           if final.get("val_accuracy") is not None else ""))
     for name, path in manifest["outputs"].items():
         log(f"{name}: {path}")
     return manifest
@@ -114,20 +126,33 @@ def check_data(path: str) -> tuple[list[Path], list[Path]]:
 
 
 def check_model(cfg: TrainConfig, model_path: str) -> None:
-    """LoRA targets must name modules the student has; checked on an empty (meta) copy."""
-    if cfg.method != "lora":
+    """LoRA targets must name modules the student has, and a chunked loss needs a plain output
+    head; checked on an empty (meta) copy."""
+    if cfg.method != "lora" and not cfg.loss_chunk_tokens:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from jobs.train.loss import decoder_and_head
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = list(cfg.lora.target_modules) if cfg.method == "lora" else []
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         raise ConfigError(f"lora.target_modules: {', '.join(map(repr, unmatched))} match no module of {cfg.model}; "
                           f"its linear layers are: {', '.join(leaves)}")
+    if cfg.loss_chunk_tokens:
+        try:
+            decoder_and_head(model)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({cfg.model})") from None
+        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        if any(head == t or head.endswith("." + t) for t in targets):
+            raise ConfigError(f"loss_chunk_tokens with lora.target_modules adapting the output head ({head!r}): the "
+                              "chunked loss reads the head's weight alone; leave the head out or use loss_chunk_tokens: 0")
 
 
 def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
@@ -147,7 +172,7 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
     return ds.drop_columns(["truncated"]), n, truncated
 
 
-def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, total_steps: int,
+def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sample: list[dict], total_steps: int,
          steps_per_epoch: int, out: Path, log):
     import torch
     from ray.data import ExecutionOptions
@@ -161,7 +186,8 @@ def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, total
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "model_path": model_path, "total_steps": total_steps, "bf16": bf16,
-                           "steps_per_epoch": steps_per_epoch, "pad_id": pad_id, "has_val": val_ds is not None},
+                           "steps_per_epoch": steps_per_epoch, "pad_id": pad_id, "has_val": val_ds is not None,
+                           "accuracy_sample": sample},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=RayScaling(num_workers=s.num_workers, use_gpu=s.use_gpu, accelerator_type=s.accelerator_type,
                                   resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
@@ -223,7 +249,8 @@ def _model_card(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
         f"- DeepSpeed ZeRO stage {cfg.zero.stage}, {cfg.precision}, {cfg.scaling.num_workers} workers, "
         f"{'GPU' if cfg.scaling.use_gpu else 'CPU'}; global batch {cfg.global_batch()} sequences of <= {cfg.max_seq_len} tokens",
         f"- steps: {f['step']}; loss {manifest['first_loss']:.4f} -> {f['loss']:.4f}"
-        + (f"; validation loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else ""),
+        + (f"; validation loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else "")
+        + (f"; validation answer accuracy {f['val_accuracy']:.3f}" if f.get("val_accuracy") is not None else ""),
         "", "The full configuration and metrics are in manifest.json and metrics.jsonl.", "",
     ]
     tmp = out / ".MODEL_CARD.md.tmp"

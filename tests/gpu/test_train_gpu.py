@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from jobs.train import attention
-from jobs.train.data import collate, collate_packed, example_sequence, model_inputs, pack, weighted_loss_sum
+from jobs.train.data import collate, collate_packed, example_sequence, model_inputs, pack
+from jobs.train.loss import weighted_loss_sum
 
 pytestmark = pytest.mark.gpu
 

@@ -117,9 +117,15 @@ def check_outputs(out: Path, chains: Path, manifest: dict) -> list[dict]:
     kept = {(d["problem_id"], d["path_index"]) for d in decisions if d["kept"]}
     rationale = [(e["problem_id"], e["path_index"]) for e in train + val if e["kind"] == "rationale"]
     assert sorted(rationale) == sorted(kept)
+    chain_rows = {(c["problem_id"], c["path_index"]): c for c in pq.read_table(chains).to_pylist()}
     for e in train + val:
         messages = json.loads(e["messages"])
         assert messages[-1]["role"] == "assistant" and messages[-1]["content"].strip()
+        if e["kind"] != "general":  # each example carries its problem's answer check (train's answer accuracy)
+            c = chain_rows[(e["problem_id"], e["path_index"])]
+            assert (e["gold_answer"], e["verifier"], e["metadata"]) == (c["gold_answer"], c["verifier"], c["metadata"])
+        else:
+            assert e["verifier"]
     split_of = {d["problem_id"]: d["split"] for d in decisions}
     assert all(split_of[e["problem_id"]] == "val" for e in val if e["kind"] != "general")
     general = [e for e in train + val if e["kind"] == "general"]

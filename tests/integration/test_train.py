@@ -36,7 +36,8 @@ def example(i: int, kind: str) -> dict:
                     {"role": "user", "content": f"What is {a} + {b} times 2?"},
                     {"role": "assistant", "content": f"Step 1: {b} times 2 is {2 * b}.\nStep 2: {a} plus {2 * b} is {a + 2 * b}.\nAnswer: {a + 2 * b}"}]
     return {"example_id": f"{kind}{i}", "kind": kind, "problem_id": f"p{i}", "path_index": 0, "category": "math",
-            "difficulty": "default", "format": "pre", "num_steps": 2, "messages": json.dumps(messages)}
+            "difficulty": "default", "format": "pre", "num_steps": 2, "messages": json.dumps(messages),
+            "gold_answer": messages[-1]["content"].rsplit(" ", 1)[-1], "verifier": "exact", "metadata": "{}"}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,13 @@ def history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_run(out: Path, manifest: dict) -> list[dict]:
+def check_run(out: Path, manifest: dict, accuracy: bool = False) -> list[dict]:
+    """`accuracy`: the run sampled answer accuracy at each validation (val_accuracy_samples)."""
     h = history(out)
+    validated = [m for m in h if m.get("val_loss") is not None]
+    if accuracy:  # a random student answers few right, but each validation measures it
+        assert validated and all(0 <= m["val_accuracy"] <= 1 for m in validated)
+        assert "validation answer accuracy" in (out / "MODEL_CARD.md").read_text()
     assert [m["step"] for m in h] == list(range(1, manifest["steps"] + 1))  # a continuous curve
     assert h[-1]["loss"] < h[0]["loss"] - 0.2, [m["loss"] for m in h]  # learning, even for LoRA on a random model
     assert h[-1]["val_loss"] is not None and h[-1]["tokens_per_s"] > 0
@@ -75,8 +81,9 @@ def check_run(out: Path, manifest: dict) -> list[dict]:
 
 def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated, tiny_model, ray_session, capfd):
     out = tmp_path / "student"
-    manifest = main(config(curated, out, tiny_model, zero={"stage": 2}), log=lambda *_: None)
-    check_run(out, manifest)
+    manifest = main(config(curated, out, tiny_model, zero={"stage": 2}, val_accuracy_samples=4,
+                           val_accuracy_max_tokens=16), log=lambda *_: None)
+    check_run(out, manifest, accuracy=True)
     # a local cluster has no state API; Ray Train's cleaner would warn about it every second
     assert "State API may be temporarily unavailable" not in capfd.readouterr().err
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -101,9 +108,9 @@ def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated,
 
 def test_full_zero3_two_workers(tmp_path, curated, tiny_model, ray_session):
     out = tmp_path / "student"
-    manifest = main(config(curated, out, tiny_model, method="full", zero={"stage": 3}, lr=1e-3, packing=False),
-                    log=lambda *_: None)
-    check_run(out, manifest)
+    manifest = main(config(curated, out, tiny_model, method="full", zero={"stage": 3}, lr=1e-3, packing=False,
+                           val_accuracy_samples=3, val_accuracy_max_tokens=16), log=lambda *_: None)
+    check_run(out, manifest, accuracy=True)  # 3 problems on 2 ranks: generate in step across ZeRO-3 shards
     assert not (out / "adapter").exists()
     from transformers import AutoModelForCausalLM
 
@@ -114,16 +121,19 @@ def test_full_zero3_two_workers(tmp_path, curated, tiny_model, ray_session):
 
 def test_micro_batch_times_accumulation_invariance(tmp_path, curated, tiny_model, ray_session):
     """One optimizer step over the same 4 sequences: 1 x 4 and 4 x 1 give the same gradient (its
-    norm, which Adam's scale invariance would hide from the weights) and the same weights."""
+    norm, which Adam's scale invariance would hide from the weights) and the same weights. The
+    1 x 4 side computes its loss chunked (loss_chunk_tokens), so the chunked loss is held to the
+    same standard through DeepSpeed."""
     import shutil
 
     weights, norms = [], []
     train_only = tmp_path / "train-only"  # a curated set without a val split trains too
     shutil.copytree(curated / "train", train_only / "train")
-    for mb, ga in ((4, 1), (1, 4)):
+    for mb, ga, chunk in ((4, 1, 0), (1, 4, 5)):
         out = tmp_path / f"mb{mb}"
         main(config(train_only, out, tiny_model, method="full", zero={"stage": 2}, micro_batch_size=mb, grad_accum=ga,
-                    max_steps=1, lr=1e-2, warmup_steps=0, scaling={"num_workers": 1}), log=lambda *_: None)
+                    max_steps=1, lr=1e-2, warmup_steps=0, scaling={"num_workers": 1}, loss_chunk_tokens=chunk),
+             log=lambda *_: None)
         from transformers import AutoModelForCausalLM
 
         # the fp32 weights as trained (merged/ is bf16), from the final checkpoint's export
@@ -195,11 +205,25 @@ def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, cur
     check_run(out, manifest)
 
 
-def test_bad_lora_target_fails_before_any_worker(tmp_path, curated, tiny_model):
+@pytest.mark.parametrize("over, message", [
+    ({"lora": {"target_modules": ["q_proj", "qkv"]}}, r"lora.target_modules: 'qkv' match no module.*q_proj"),
+    ({"lora": {"target_modules": ["q_proj", "lm_head"]}, "loss_chunk_tokens": 64},
+     r"loss_chunk_tokens with lora.target_modules adapting the output head \('lm_head'\)"),
+])
+def test_bad_lora_target_fails_before_any_worker(tmp_path, curated, tiny_model, over, message):
     out = tmp_path / "student"
-    with pytest.raises(ConfigError, match=r"lora.target_modules: 'qkv' match no module.*q_proj"):
-        main(config(curated, out, tiny_model, lora={"target_modules": ["q_proj", "qkv"]}), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=message):
+        main(config(curated, out, tiny_model, **over), log=lambda *_: None)
     assert not out.exists()
+
+
+def test_accuracy_without_a_validation_split_is_refused(tmp_path, curated, tiny_model):
+    import shutil
+
+    shutil.copytree(curated / "train", tmp_path / "curated" / "train")
+    with pytest.raises(ConfigError, match="val_accuracy_samples: .* has no validation split"):
+        main(config(tmp_path / "curated", tmp_path / "out", tiny_model, val_accuracy_samples=4), log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("data, message", [("missing", "does not exist"), ("empty", "holds no examples")])

@@ -31,7 +31,7 @@ def chain(text=GOOD, pid="p1", k=0, fmt="pre", gold="10", verifier="math", corre
         correct = normalize_answer(parsed.answer) == normalize_answer(gold)
     return {"problem_id": pid, "path_index": k, "category": category, "difficulty": difficulty,
             "question": f"What is (3 + 4) * 2 - 4? [{pid}]", "gold_answer": gold, "verifier": verifier if gold else "none",
-            "format": fmt, "chain": text, "finish_reason": finish, "steps": parsed.steps, "num_steps": len(parsed.steps),
+            "metadata": "{}", "format": fmt, "chain": text, "finish_reason": finish, "steps": parsed.steps, "num_steps": len(parsed.steps),
             "answer": parsed.answer, "correct": correct if gold else None, "output_tokens": len((text or "").split()),
             "status": status if text is not None else "error"}
 
@@ -206,6 +206,8 @@ def test_self_eval_and_general_examples():
     assert len(picked) == 4 and picked == general_examples(list(reversed(probs)), 4, seed=1)
     assert len(general_examples(probs, 50, seed=1)) == 10
     assert json.loads(picked[0]["messages"])[-1]["role"] == "assistant"
+    assert (ex["gold_answer"], ex["verifier"]) == ("10", "math")  # examples carry their problem's answer check
+    assert (picked[0]["verifier"], picked[0]["gold_answer"]) == ("exact", f"{picked[0]['problem_id'][1:]}drow")
 
 
 def _table(rows):

@@ -10,7 +10,8 @@ import torch
 
 from jobs.common.config import build
 from jobs.train.config import TrainConfig
-from jobs.train.data import collate, example_sequence, model_inputs, weighted_loss_sum
+from jobs.train.data import collate, example_sequence, model_inputs
+from jobs.train.loss import weighted_loss_sum
 from jobs.train.loop import build_model
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),

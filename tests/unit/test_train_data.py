@@ -10,7 +10,8 @@ from jobs.common.config import ConfigError, build
 from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
 from jobs.train.attention import register
 from jobs.train.data import (IGNORE, Pack, SEQ_FIELDS, collate, collate_packed, example_sequence, model_inputs, pack,
-                             tokenize_example, weighted_loss_sum)
+                             tokenize_example)
+from jobs.train.loss import weighted_loss_sum
 
 CHAT = [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "What is 2 + 3?"},
         {"role": "assistant", "content": "Step 1: Add 2 and 3.\nAnswer: 5"}]
@@ -181,6 +182,8 @@ def test_no_step_trains_at_lr_zero_and_warmup_reaches_the_peak(schedule):
     ({"weights": {"rationale": 1.0, "chitchat": 1.0}}, "weights: kinds are"),
     ({"micro_batch_size": 0}, "micro_batch_size must be >= 1"),
     ({"compile": True, "zero": {"stage": 3}}, "compile with zero.stage 3"),
+    ({"loss_chunk_tokens": 64, "zero": {"stage": 3}}, "loss_chunk_tokens with zero.stage 3"),
+    ({"loss_chunk_tokens": -1}, "loss_chunk_tokens must be >= 0"),
 ])
 def test_bad_train_config(over, message):
     with pytest.raises(ConfigError, match=message):
