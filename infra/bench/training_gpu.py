@@ -115,7 +115,7 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
 
     from jobs.common.config import build
     from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
-    from jobs.train.data import collate, collate_packed
+    from jobs.train.data import IGNORE, collate, collate_packed
     from jobs.train.flops import StepFlops, example_lengths
     from jobs.train.loop import build_model, optimizer_step
 
@@ -156,7 +156,7 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(s["input_ids"]) for mb in window for s in mb))
-            labels = sum(int((b["labels"] != -100).sum()) for b in cpu)
+            labels = sum(int((b["labels"] != IGNORE).sum()) for b in cpu)
             flops.append(step_flops((n for mb in window for s in mb for n in example_lengths(s["position_ids"])), labels))
     if args.profile:
         profile_step(lambda: optimizer_step(engine, batches, weight, 1, cfg.grad_accum, device, cfg.loss_chunk_tokens))

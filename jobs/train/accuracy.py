@@ -35,7 +35,7 @@ def accuracy_sample(files: list[Path], n: int, seed: int, tokenizer) -> list[dic
                              "cotd?); run `cotd curate` again, or set val_accuracy_samples: 0")
         rows += pq.read_table(f, columns=list(CHECK_COLUMNS)).to_pylist()
     first: dict[str, dict[str, Any]] = {}
-    for r in sorted(rows, key=lambda r: json.dumps(r, sort_keys=True)):  # one example per problem, any part order
+    for r in sorted(rows, key=lambda r: (r["problem_id"], r["messages"])):  # one per problem, whatever the part order
         if r["kind"] == RATIONALE and r["verifier"] not in (None, "none"):
             first.setdefault(r["problem_id"], r)
     if not first:

@@ -59,7 +59,7 @@ class StepFlops:
         seen = {id(w): w for w in linear}.values()  # a tied output head is one weight, once
 
         def cost(weights) -> int:  # per token: forward, input gradient, and the weight's own where it trains
-            # ZeRO-3 leaves each rank an empty placeholder and keeps the full size in ds_numel
+            # ZeRO-3 leaves each rank an empty tensor and keeps the full size in ds_numel
             size = [(getattr(w, "ds_numel", w.numel()), w.requires_grad) for w in weights]
             return sum(4 * n + (2 * n if trains else 0) for n, trains in size)
 

@@ -44,10 +44,6 @@ def build_model(cfg, model_path: str, dtype):
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
-    if cfg.loss_chunk_tokens:
-        from jobs.train.loss import decoder_and_head
-
-        decoder_and_head(model)  # the model's head must allow the chunked loss: say so before training
     if cfg.compile:
         # in place, layer by layer: the module tree and its state dict keys stay as they are
         # (checkpoints, export and resume are unchanged); packed rows vary in length, so the

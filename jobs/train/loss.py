@@ -12,6 +12,7 @@ while its logits exist, so no more than one chunk's logits is ever held.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from jobs.train.data import IGNORE, model_inputs
@@ -42,23 +43,26 @@ def _head_chunk(h, head_weight, targets, w, with_grad: bool):
     return loss, grad.mul_(w[:, None]).to(h.dtype)
 
 
-def _chunked(hidden, head_weight, targets, w, chunk: int):
+def _chunked(hidden, head_weight, targets, w, chunk: int, with_grad: bool):
+    """(weighted loss sum, and with_grad the gradients of hidden and of the head where it trains)."""
     import torch
 
-    grad_hidden = torch.empty_like(hidden)
+    grad_hidden = torch.empty_like(hidden) if with_grad else None
     grad_head = torch.zeros(head_weight.shape, dtype=torch.float32, device=head_weight.device) \
-        if head_weight.requires_grad else None
+        if with_grad and head_weight.requires_grad else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for s in range(0, len(targets), chunk):
         h = hidden[s:s + chunk]
-        loss, grad = _head_chunk(h, head_weight, targets[s:s + chunk], w[s:s + chunk], with_grad=True)
+        loss, grad = _head_chunk(h, head_weight, targets[s:s + chunk], w[s:s + chunk], with_grad)
         total += loss
-        grad_hidden[s:s + chunk] = grad @ head_weight
-        if grad_head is not None:
-            grad_head += (grad.t() @ h).float()
+        if grad is not None:
+            grad_hidden[s:s + chunk] = grad @ head_weight
+            if grad_head is not None:
+                grad_head += (grad.t() @ h).float()
     return total, grad_hidden, grad_head
 
 
+@functools.cache
 def _autograd_function():
     import torch
 
@@ -68,7 +72,7 @@ def _autograd_function():
 
         @staticmethod
         def forward(ctx, hidden, head_weight, targets, w, chunk):
-            total, ctx.grad_hidden, ctx.grad_head = _chunked(hidden, head_weight, targets, w, chunk)
+            total, ctx.grad_hidden, ctx.grad_head = _chunked(hidden, head_weight, targets, w, chunk, with_grad=True)
             ctx.head_dtype = head_weight.dtype
             return total
 
@@ -82,27 +86,18 @@ def _autograd_function():
     return ChunkedHeadLoss
 
 
-_FUNCTION: Any = None
-
-
 def chunked_loss_sum(hidden, head_weight, labels, weights, chunk: int):
     """`weighted_loss_sum` of logits = hidden @ head_weightᵀ, without the logits: hidden
     [batch, seq, dim] (the decoder's last hidden states), head_weight [vocab, dim] (an output head
     with no bias), `chunk` label tokens at a time."""
     import torch
 
-    global _FUNCTION
     keep = (labels[:, 1:] != IGNORE) & (weights[:, 1:] != 0)  # positions whose next token carries a loss
     h = hidden[:, :-1][keep]
     targets, w = labels[:, 1:][keep], weights[:, 1:][keep].float()
     if not torch.is_grad_enabled() or not (h.requires_grad or head_weight.requires_grad):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, len(targets), chunk):
-            total += _head_chunk(h[s:s + chunk], head_weight, targets[s:s + chunk], w[s:s + chunk], with_grad=False)[0]
-        return total
-    if _FUNCTION is None:
-        _FUNCTION = _autograd_function()
-    return _FUNCTION.apply(h, head_weight, targets, w, chunk)
+        return _chunked(h, head_weight, targets, w, chunk, with_grad=False)[0]
+    return _autograd_function().apply(h, head_weight, targets, w, chunk)
 
 
 def decoder_and_head(model) -> tuple[Any, Any]:

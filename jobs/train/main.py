@@ -137,10 +137,13 @@ def check_model(cfg: TrainConfig, model_path: str) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    def adapts(name: str, target: str) -> bool:  # how PEFT matches a target_modules entry to a module name
+        return name == target or name.endswith("." + target)
+
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = list(cfg.lora.target_modules) if cfg.method == "lora" else []
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in targets if not any(adapts(n, t) for n in names)]
     if unmatched:
         raise ConfigError(f"lora.target_modules: {', '.join(map(repr, unmatched))} match no module of {cfg.model}; "
                           f"its linear layers are: {', '.join(leaves)}")
@@ -150,7 +153,7 @@ def check_model(cfg: TrainConfig, model_path: str) -> None:
         except ValueError as e:
             raise ConfigError(f"{e} ({cfg.model})") from None
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-        if any(head == t or head.endswith("." + t) for t in targets):
+        if any(adapts(head, t) for t in targets):
             raise ConfigError(f"loss_chunk_tokens with lora.target_modules adapting the output head ({head!r}): the "
                               "chunked loss reads the head's weight alone; leave the head out or use loss_chunk_tokens: 0")
 
