@@ -18,15 +18,18 @@ MIN_LOCAL_CPUS = 8
 # the dashboard, which a local cluster does without (it costs a small machine CPU), so every
 # training run would print that warning once a second; on a local cluster it is silenced.
 LOCAL_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-# Ray's worker pool on a local cluster (Ray system settings, as RAY_<name> variables). By default
-# Ray starts one idle Python worker per logical CPU when the driver connects, and keeps that many
-# idle: 8 processes importing Ray at once on a 2-core machine, then each idle worker costs about
-# 1% of a core for as long as the cluster lives, time taken from the teacher engine. A local
-# cluster starts workers on demand and keeps at most LOCAL_IDLE_WORKERS idle (measured in
-# docs/benchmarks.md). An existing cluster keeps its own settings.
+# Ray settings of a local cluster, as environment variables (a user's own values win); an existing
+# cluster keeps its own. Both are measured in docs/benchmarks.md:
+# - Ray starts workers at nice 15, below its own daemons and the driver; on a small machine that
+#   starves the teacher engine. Here they run at normal priority, as a plain vLLM process would.
+# - By default Ray starts one idle Python worker per logical CPU when the driver connects and keeps
+#   that many idle: 8 processes importing Ray at once on a 2-core machine, then each idle worker
+#   costs about 1% of a core for as long as the cluster lives, time taken from the teacher engine.
+#   Here workers start on demand and at most LOCAL_IDLE_WORKERS stay idle.
 LOCAL_IDLE_WORKERS = 2
-LOCAL_WORKER_POOL = {"prestart_worker_first_driver": "0", "enable_worker_prestart": "0",
-                     "num_workers_soft_limit": str(LOCAL_IDLE_WORKERS)}
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0",
+                 "RAY_num_workers_soft_limit": str(LOCAL_IDLE_WORKERS)}
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,8 @@ def init_ray(cfg: RayConfig, log=print) -> str:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         where = f"Ray cluster at {address}"
     else:
-        # Ray starts workers at nice 15, below its own daemons and the driver; on a small machine
-        # that starves the teacher engine (measured in docs/benchmarks.md). A local cluster runs
-        # them at normal priority, as a plain vLLM process would.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        for name, value in LOCAL_WORKER_POOL.items():
-            os.environ.setdefault(f"RAY_{name}", value)
+        for name, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
         cpus = cfg.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {**env_vars, "PYTHONPATH": str(REPO_ROOT)},

@@ -28,6 +28,8 @@ def test_local_cluster_keeps_at_most_a_few_idle_workers(ray_session):
     workers = set(ray.get([hold.remote(2.0) for _ in range(6)]))
     assert len(workers) > LOCAL_IDLE_WORKERS, f"six concurrent tasks ran on only {len(workers)} workers"
     deadline = time.monotonic() + 30
-    while (idle := [p for p in workers if _idle(p)]) and len(idle) > LOCAL_IDLE_WORKERS and time.monotonic() < deadline:
+    idle = [p for p in workers if _idle(p)]
+    while len(idle) > LOCAL_IDLE_WORKERS and time.monotonic() < deadline:
         time.sleep(0.5)
+        idle = [p for p in workers if _idle(p)]
     assert len(idle) <= LOCAL_IDLE_WORKERS, f"{len(idle)} of the tasks' workers are still idle: {sorted(idle)}"
