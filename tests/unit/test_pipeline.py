@@ -11,7 +11,8 @@ import torch
 from jobs.common.config import build
 from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
-from jobs.common.llm import HTTPRequest, LLMConfig, VLLMRequest, engine_kwargs
+from jobs.common import llm as llm_mod
+from jobs.common.llm import HTTPRequest, LLMConfig, VLLMRequest, cpu_has_native_bf16, engine_kwargs
 from jobs.generate.pipeline import chain_seed, finish_rows, plan_rows
 from jobs.generate.report import format_table, summarize
 from jobs.generate.schema import CHAIN_SCHEMA
@@ -89,6 +90,28 @@ def test_engine_batches_as_many_sequences_as_offline_vllm(tiny_model):
     served = EngineArgs(model=str(tiny_model), **plain).create_engine_config().scheduler_config
     assert ours.max_num_seqs == offline.max_num_seqs > served.max_num_seqs
     assert ours.max_num_batched_tokens == offline.max_num_batched_tokens
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse sse2 avx avx2 fma {extra}\n\n"
+
+
+@pytest.mark.parametrize("extra, native", [("", False), ("avx512f avx512bw", False), ("avx512f avx512_bf16", True),
+                                           ("amx_bf16 amx_tile", True)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, extra, native):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(vendor="AuthenticAMD", extra=extra))
+    assert cpu_has_native_bf16(str(info)) is native
+
+
+def test_dtype_auto_runs_float32_on_a_cpu_without_native_bf16(monkeypatch):
+    """bf16 on an AVX2-only CPU made vLLM ~10x slower than float32 (the demo's engine timed out)."""
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
+    assert engine_kwargs(LLMConfig(model="m"))["dtype"] == "float32"
+    assert engine_kwargs(LLMConfig(model="m", use_gpu=True))["dtype"] == "bfloat16"
+    assert engine_kwargs(LLMConfig(model="m", dtype="bfloat16"))["dtype"] == "bfloat16"
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: True)
+    assert engine_kwargs(LLMConfig(model="m"))["dtype"] == "bfloat16"
 
 
 def engine_rows():
