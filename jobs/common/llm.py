@@ -9,6 +9,7 @@ server, which applies its own template) and `seed`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -144,8 +145,9 @@ class HTTPRequest:
         return {"payload": payload}
 
 
+@functools.cache
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this machine's CPU computes in bf16 natively. Without it vLLM's CPU kernels convert
+    """Whether this machine's CPU computes in bf16 natively (read once per process). Without it vLLM's CPU kernels convert
     every bf16 operand: on a 2-core AVX2 machine SmolLM2-135M generated 4.9 tok/s in bf16 and
     53 tok/s in float32 (docs/benchmarks.md). Other architectures than x86 are taken at their word."""
     import platform
