@@ -63,7 +63,9 @@ class TrainConfig:
     method: Literal["lora", "full"] = doc("lora: train adapters (PEFT); full: train every weight", "lora")
     lora: LoraConfig = doc("LoRA settings (method: lora)", LoraConfig())
     zero: ZeroConfig = doc("DeepSpeed ZeRO settings", ZeroConfig())
-    precision: Literal["bf16", "fp32"] = doc("bf16 mixed precision (where the device supports it) or fp32", "bf16")
+    precision: Literal["auto", "bf16", "fp32"] = doc(
+        "bf16 mixed precision (where the device supports it), fp32, or auto: bf16 on GPUs and on CPUs with native "
+        "bf16 arithmetic (AVX512-BF16 or AMX), fp32 on other CPUs", "auto")
     max_seq_len: int = doc("longest training sequence in tokens; longer examples are cut (and counted)", 1024)
     packing: bool = doc("pack several examples into each sequence (no attention across examples)", True)
     micro_batch_size: int = doc("sequences per worker per forward pass", 4)

@@ -71,7 +71,8 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     log(f"{n_train} training sequences ({'packed' if cfg.packing else 'one example each'}, "
         f"{truncated} examples cut to {cfg.max_seq_len} tokens), {n_val} validation; "
-        f"{total_steps} steps of {per_step} sequences on {cfg.scaling.num_workers} workers")
+        f"{total_steps} steps of {per_step} sequences on {cfg.scaling.num_workers} workers, "
+        f"{'bf16' if use_bf16(cfg) else 'fp32'}{' (precision auto, for this machine)' if cfg.precision == 'auto' else ''}")
 
     # run
     result = _fit(cfg, model_path, pad_id, train_ds, val_ds, sample, total_steps, steps_per_epoch, out, log)
@@ -175,16 +176,31 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
     return ds.drop_columns(["truncated"]), n, truncated
 
 
+def use_bf16(cfg: TrainConfig) -> bool:
+    """Whether the workers train in bf16: `precision`, with auto resolved like the teacher's dtype
+    (jobs.common.llm.engine_dtype). On a CPU without native bf16, DeepSpeed's bf16 converts every
+    operand and is slower than fp32; with it, bf16 LoRA trained 1.43x as fast as fp32 on a 2-core
+    CPU (docs/benchmarks.md). The CPU flags read are those of the machine that builds the job."""
+    import torch
+
+    from jobs.common.llm import cpu_has_native_bf16
+
+    if cfg.precision == "fp32":
+        return False
+    if cfg.scaling.use_gpu:
+        return torch.cuda.is_available()
+    return cfg.precision == "bf16" or cpu_has_native_bf16()
+
+
 def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sample: list[dict], total_steps: int,
          steps_per_epoch: int, out: Path, log):
-    import torch
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
-    bf16 = cfg.precision == "bf16" and (not s.use_gpu or torch.cuda.is_available())
+    bf16 = use_bf16(cfg)
     datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
     trainer = TorchTrainer(
         train_loop,
@@ -249,7 +265,7 @@ def _model_card(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
         f"- base model: `{cfg.model}` ({manifest['model_path']})",
         f"- method: {cfg.method}" + (f" (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})" if cfg.method == "lora" else ""),
         f"- data: `{cfg.data}` ({manifest['sequences']['train']} training sequences, {manifest['sequences']['val']} validation)",
-        f"- DeepSpeed ZeRO stage {cfg.zero.stage}, {cfg.precision}, {cfg.scaling.num_workers} workers, "
+        f"- DeepSpeed ZeRO stage {cfg.zero.stage}, {'bf16' if use_bf16(cfg) else 'fp32'}, {cfg.scaling.num_workers} workers, "
         f"{'GPU' if cfg.scaling.use_gpu else 'CPU'}; global batch {cfg.global_batch()} sequences of <= {cfg.max_seq_len} tokens",
         f"- steps: {f['step']}; loss {manifest['first_loss']:.4f} -> {f['loss']:.4f}"
         + (f"; validation loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else "")

@@ -91,7 +91,11 @@ def test_generate_writes_graded_chains_and_manifest(tmp_path, tiny_model, ray_se
     assert any("accuracy" in line for line in lines)                  # summary table
 
 
-def test_resume_fills_only_what_is_missing(tmp_path, tiny_model, ray_session):
+def test_resume_fills_only_what_is_missing_and_refuses_a_different_setup(tmp_path, tiny_model, ray_session):
+    """Three engine runs in all: the first run, a resume that fills a lost part and a third path per
+    problem at once, and an overwrite; the no-op and the refusal start no engine."""
+    from jobs.common.config import ConfigError
+
     run = tmp_path / "run"
     main(config(run, tiny_model), log=lambda *_: None)
     first = {p.name: p.stat().st_mtime_ns for p in part_files(run / "chains")}
@@ -99,40 +103,35 @@ def test_resume_fills_only_what_is_missing(tmp_path, tiny_model, ray_session):
     # a crash: one part lost, a half-written temporary file left behind
     lost = sorted(first)[1]
     lost_keys = set(zip(*(pq.read_table(run / "chains" / lost).column(c).to_pylist() for c in ("problem_id", "path_index"))))
+    assert lost_keys and all(path < 2 for _, path in lost_keys)
     (run / "chains" / lost).unlink()
     (run / "chains" / ".part-crashed-00009.parquet.tmp").write_bytes(b"PAR1 half")
 
+    # resumed with more paths per problem: the lost chains and the 7 new paths, nothing else
     lines = []
-    manifest = main(config(run, tiny_model), log=lines.append)
-    assert any(f"{len(lost_keys)} to generate" in line for line in lines)
+    manifest = main(config(run, tiny_model, paths_per_problem=3), log=lines.append)
+    assert any(f"{21 - len(lost_keys) - 7} already in" in line and f"{len(lost_keys) + 7} to generate" in line
+               for line in lines), lines
     assert not list((run / "chains").glob(".*.tmp"))
     ks = keys(run)
-    assert len(ks) == 14 and len(set(ks)) == 14
+    assert len(ks) == 21 and len(set(ks)) == 21 and lost_keys <= set(ks)
     # untouched parts were neither rewritten nor duplicated
     assert all((run / "chains" / name).stat().st_mtime_ns == t for name, t in first.items() if name != lost)
-    assert manifest["last_attempt"]["rows"] == len(lost_keys)
-
-    # more paths per problem: only the new paths are generated
-    manifest = main(config(run, tiny_model, paths_per_problem=3), log=lambda *_: None)
-    assert manifest["last_attempt"]["rows"] == 7 and len(set(keys(run))) == 21
+    assert manifest["last_attempt"]["rows"] == len(lost_keys) + 7
 
     # the same command once more: nothing to do, nothing duplicated
     manifest = main(config(run, tiny_model, paths_per_problem=3), log=lambda *_: None)
     assert manifest["last_attempt"]["rows"] == 0 and len(keys(run)) == 21
 
-
-def test_resume_refuses_a_different_teacher_setup(tmp_path, tiny_model, ray_session):
-    from jobs.common.config import ConfigError
-
-    run = tmp_path / "run"
-    main(config(run, tiny_model, **{"sources": [{"type": "reasoning_gym", "tasks": [{"name": "chain_sum", "size": 1}]}]}),
-         log=lambda *_: None)
+    # other sampling settings would mix two setups in one dataset: refused, the run left as it is
     with pytest.raises(ConfigError, match="different sampling"):
-        main(config(run, tiny_model, **{"sampling.temperature": 0.3}), log=lambda *_: None)
+        main(config(run, tiny_model, paths_per_problem=3, **{"sampling.temperature": 0.3}), log=lambda *_: None)
+    assert len(keys(run)) == 21
+    # unless the user asks to start over
     manifest = main(config(run, tiny_model, overwrite=True, **{"sampling.temperature": 0.3,
                     "sources": [{"type": "reasoning_gym", "tasks": [{"name": "chain_sum", "size": 1}]}]}),
                     log=lambda *_: None)
-    assert manifest["summary"]["chains"] == 2
+    assert manifest["summary"]["chains"] == 2 and len(keys(run)) == 2
 
 
 def cli(*args, timeout=600, **kw):

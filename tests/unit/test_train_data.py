@@ -145,6 +145,24 @@ def test_deepspeed_config_is_derived():
     assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["bf16"]["enabled"] is False
 
 
+def test_precision_auto_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    """DeepSpeed's bf16 on a CPU without bf16 arithmetic converts every operand; where the CPU has it,
+    bf16 LoRA trained 1.43x as fast as fp32 (docs/benchmarks.md)."""
+    import jobs.common.llm as llm_mod
+    from jobs.train.main import use_bf16
+
+    def precision(value, **over):
+        return use_bf16(build(TrainConfig, {**BASE, "precision": value, **over}))
+
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
+    assert build(TrainConfig, BASE).precision == "auto"
+    assert precision("auto") is False and precision("bf16") is True and precision("fp32") is False
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: True)
+    assert precision("auto") is True and precision("fp32") is False
+    gpu = {"scaling": {"use_gpu": True}}
+    assert precision("auto", **gpu) is torch.cuda.is_available() and precision("fp32", **gpu) is False
+
+
 def lrs_of_steps(schedule: str, warmup: int, steps: int, lr: float = 1.0) -> list[float]:
     """The learning rate each training step updates with, from DeepSpeed's own scheduler built
     from cotd's config and moved as the training loop moves it."""
