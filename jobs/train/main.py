@@ -69,13 +69,14 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
                          f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x "
                          f"{cfg.scaling.num_workers} workers); lower them or add data")
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    bf16 = use_bf16(cfg)
     log(f"{n_train} training sequences ({'packed' if cfg.packing else 'one example each'}, "
         f"{truncated} examples cut to {cfg.max_seq_len} tokens), {n_val} validation; "
         f"{total_steps} steps of {per_step} sequences on {cfg.scaling.num_workers} workers, "
-        f"{'bf16' if use_bf16(cfg) else 'fp32'}{' (precision auto, for this machine)' if cfg.precision == 'auto' else ''}")
+        f"{'bf16' if bf16 else 'fp32'}{' (precision auto, for this machine)' if cfg.precision == 'auto' else ''}")
 
     # run
-    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, sample, total_steps, steps_per_epoch, out, log)
+    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, sample, total_steps, steps_per_epoch, bf16, out, log)
 
     # export and summarize
     with result.checkpoint.as_directory() as d:
@@ -86,7 +87,7 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     final = history[-1]
     manifest = {
         "stage": STAGE, "config": to_dict(cfg), "model_path": model_path, "steps": final["step"],
-        "resumed_at_steps": state["resumes"],
+        "resumed_at_steps": state["resumes"], "precision": "bf16" if bf16 else "fp32",
         "final": final, "first_loss": history[0]["loss"], "sequences": {"train": n_train, "val": n_val, "truncated": truncated},
         "checkpoint": result.checkpoint.path, "outputs": _outputs(cfg, out),
         "wall_seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -193,14 +194,13 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sample: list[dict], total_steps: int,
-         steps_per_epoch: int, out: Path, log):
+         steps_per_epoch: int, bf16: bool, out: Path, log):
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
-    bf16 = use_bf16(cfg)
     datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
     trainer = TorchTrainer(
         train_loop,
@@ -265,7 +265,7 @@ def _model_card(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
         f"- base model: `{cfg.model}` ({manifest['model_path']})",
         f"- method: {cfg.method}" + (f" (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})" if cfg.method == "lora" else ""),
         f"- data: `{cfg.data}` ({manifest['sequences']['train']} training sequences, {manifest['sequences']['val']} validation)",
-        f"- DeepSpeed ZeRO stage {cfg.zero.stage}, {'bf16' if use_bf16(cfg) else 'fp32'}, {cfg.scaling.num_workers} workers, "
+        f"- DeepSpeed ZeRO stage {cfg.zero.stage}, {manifest['precision']}, {cfg.scaling.num_workers} workers, "
         f"{'GPU' if cfg.scaling.use_gpu else 'CPU'}; global batch {cfg.global_batch()} sequences of <= {cfg.max_seq_len} tokens",
         f"- steps: {f['step']}; loss {manifest['first_loss']:.4f} -> {f['loss']:.4f}"
         + (f"; validation loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else "")

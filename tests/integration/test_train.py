@@ -76,6 +76,7 @@ def check_run(out: Path, manifest: dict, accuracy: bool = False) -> list[dict]:
     ckpts = sorted(p.name for p in (out / "checkpoints" / "train").iterdir() if p.name.startswith("step-"))
     assert ckpts and ckpts[-1].endswith("-final") and len(ckpts) <= 2  # keep_checkpoints
     assert "loss" in (out / "MODEL_CARD.md").read_text()
+    assert manifest["precision"] == "fp32" and ", fp32, " in (out / "MODEL_CARD.md").read_text()  # as configured
     return h
 
 
