@@ -42,19 +42,28 @@ def chain_examples(chains: Path) -> list[tuple[dict, list[dict[str, str]]]]:
             for r in read_dataset(chains).to_pylist() if r["status"] == "ok"]
 
 
-def examples_from_chains(chains: Path, out: Path) -> int:
-    """A curated-style dataset (train/ only) holding every answered chain as a rationale example."""
+def write_train_examples(out: Path, examples: list[dict]) -> int:
+    """A curated-style dataset (train/ only) of rationale examples. Each gives at least example_id,
+    problem_id and messages (a chat); the other example fields default to a math `pre` chain."""
     import pyarrow as pa
 
     from jobs.common.runs import PartWriter
     from jobs.curate.examples import EXAMPLE_SCHEMA
 
-    rows = [{"example_id": f"{r['problem_id']}#{r['path_index']}", "kind": "rationale", "problem_id": r["problem_id"],
-             "path_index": r["path_index"], "category": r["category"], "difficulty": r["difficulty"],
-             "format": r["format"], "num_steps": r["num_steps"], "messages": json.dumps(messages)}
-            for r, messages in chain_examples(chains)]
+    defaults = {"kind": "rationale", "path_index": 0, "category": "math", "difficulty": "default", "format": "pre",
+                "num_steps": 0}
+    rows = [{**defaults, **e, "messages": json.dumps(e["messages"])} for e in examples]
     PartWriter(out / "train", EXAMPLE_SCHEMA).write(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA))
     return len(rows)
+
+
+def examples_from_chains(chains: Path, out: Path) -> int:
+    """Every answered chain of a generate run as a rationale example (see write_train_examples)."""
+    return write_train_examples(out, [
+        {"example_id": f"{r['problem_id']}#{r['path_index']}", "problem_id": r["problem_id"],
+         "path_index": r["path_index"], "category": r["category"], "difficulty": r["difficulty"],
+         "format": r["format"], "num_steps": r["num_steps"], "messages": messages}
+        for r, messages in chain_examples(chains)])
 
 
 def train_config(args, data: Path, out: Path, packing: bool):

@@ -27,22 +27,17 @@ sys.path.insert(0, str(REPO / "infra" / "bench"))
 
 
 def synthetic_examples(root: Path, n: int) -> None:
-    import pyarrow as pa
+    from training import write_train_examples
 
-    from jobs.common.runs import PartWriter
-    from jobs.curate.examples import EXAMPLE_SCHEMA
-
-    rows = []
+    examples = []
     for i in range(n):
-        a, b = i % 97 + 3, i % 89 + 5
-        steps = "\n".join(f"Step {k + 1}: {a} plus {k * b} is {a + k * b}." for k in range(i % 6 + 2))
+        a, b, times = i % 97 + 3, i % 89 + 5, i % 6 + 1
+        steps = "\n".join(f"Step {k + 1}: {a} plus {k * b} is {a + k * b}." for k in range(times + 1))
         messages = [{"role": "system", "content": "Solve the problem step by step. End with 'Answer: <final answer>'."},
-                    {"role": "user", "content": f"What is {a} plus {b} times {i % 6 + 1}?"},
-                    {"role": "assistant", "content": f"{steps}\nAnswer: {a + (i % 6 + 1) * b}"}]
-        rows.append({"example_id": f"e{i}", "kind": "rationale", "problem_id": f"p{i}", "path_index": 0,
-                     "category": "math", "difficulty": "default", "format": "pre", "num_steps": i % 6 + 2,
-                     "messages": json.dumps(messages)})
-    PartWriter(root / "train", EXAMPLE_SCHEMA).write(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA))
+                    {"role": "user", "content": f"What is {a} plus {b} times {times}?"},
+                    {"role": "assistant", "content": f"{steps}\nAnswer: {a + times * b}"}]
+        examples.append({"example_id": f"e{i}", "problem_id": f"p{i}", "num_steps": times + 1, "messages": messages})
+    write_train_examples(root, examples)
 
 
 def main() -> None:
