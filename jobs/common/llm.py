@@ -187,6 +187,12 @@ def engine_kwargs(llm: LLMConfig) -> dict[str, Any]:
     return kw
 
 
+def stage_concurrency(llm: LLMConfig) -> tuple[int, int]:
+    """Workers (min, max) of the light stages around the model (building requests, finishing
+    results): one per model replica or HTTP worker, as each costs a small fraction of a request."""
+    return tuple(llm.concurrency) if llm.backend == "vllm" else (1, llm.http_concurrency)
+
+
 def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
     """The ray.data.llm processor for a configured model."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
@@ -197,7 +203,8 @@ def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
         proc_cfg = HttpRequestProcessorConfig(
             url=llm.base_url.rstrip("/") + "/chat/completions", headers=headers, qps=llm.qps,
             max_retries=llm.max_retries, concurrency=llm.http_concurrency, batch_size=llm.batch_size)
-        return build_processor(proc_cfg, preprocess=HTTPRequest(sampling, llm.served_model or llm.model, llm.seeds_to_engine()))
+        return build_processor(proc_cfg, preprocess=HTTPRequest(sampling, llm.served_model or llm.model, llm.seeds_to_engine()),
+                               preprocess_map_kwargs={"concurrency": stage_concurrency(llm)[1]})
     placement = None
     if not llm.use_gpu:
         placement = {"bundles": [{"CPU": llm.cpus_per_replica}] * llm.tensor_parallel_size}
@@ -215,7 +222,8 @@ def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
         # chat-template, tokenize and detokenize stages would only add CPU actors.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
     )
-    return build_processor(proc_cfg, preprocess=VLLMRequest(sampling, llm.seeds_to_engine()))
+    return build_processor(proc_cfg, preprocess=VLLMRequest(sampling, llm.seeds_to_engine()),
+                           preprocess_map_kwargs={"concurrency": stage_concurrency(llm)[1]})
 
 
 def engine_output(row: dict[str, Any], max_tokens: int) -> tuple[str | None, int, int, float, str, str]:
@@ -238,10 +246,18 @@ def engine_output(row: dict[str, Any], max_tokens: int) -> tuple[str | None, int
 
 
 class FinishBatch:
-    """map_batches adapter: a function from engine-output rows to result rows, Arrow in and out."""
+    """map_batches actor: a function from engine-output rows to result rows, Arrow in and out.
 
-    def __init__(self, finish: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema):
+    An actor, started with the pipeline and kept for its whole run, rather than a task: on a
+    small machine the engine returns its batches together at the end, and tasks would then
+    wait on new worker processes and on every worker's first import of the verifiers. `warm`
+    does that importing while the engine starts."""
+
+    def __init__(self, finish: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema,
+                 warm: Callable[[], None] | None = None):
         self.finish, self.schema = finish, schema
+        if warm is not None:
+            warm()
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -251,10 +267,12 @@ class FinishBatch:
 
 def run_llm(rows: list[dict[str, Any]], *, llm: LLMConfig, sampling: SamplingConfig, model_path: str | None,
             finish: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema, folder: Path, ray_cfg,
-            label: str, write_rows: int, counts: Callable[[Any], dict[str, int]], log) -> dict[str, Any]:
+            label: str, write_rows: int, counts: Callable[[Any], dict[str, int]], log,
+            warm: Callable[[], None] | None = None) -> dict[str, Any]:
     """Stream `rows` through the model on Ray Data; each result batch is finished (`finish`) on the
     workers and written by the driver as one atomic part file into `folder`, so an interrupted run
-    keeps every batch it completed. `counts(batch)` feeds the progress line."""
+    keeps every batch it completed. `counts(batch)` feeds the progress line; `warm` loads what
+    `finish` needs, once per finishing actor, while the model starts."""
     import ray
 
     from jobs.common.progress import Progress
@@ -267,7 +285,8 @@ def run_llm(rows: list[dict[str, Any]], *, llm: LLMConfig, sampling: SamplingCon
     blocks = max(1, min(len(rows) // llm.batch_size, 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = build_llm(llm, sampling, model_path)(ds)
-    ds = ds.map_batches(FinishBatch(finish, schema), batch_format="pyarrow", batch_size=write_rows)
+    ds = ds.map_batches(FinishBatch, fn_constructor_args=(finish, schema, warm), concurrency=stage_concurrency(llm),
+                        batch_format="pyarrow", batch_size=write_rows)
 
     writer = PartWriter(folder, schema)
     progress = Progress(len(rows), label, log=log)

@@ -100,6 +100,7 @@ def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], cha
 
     from jobs.common.llm import run_llm
     from jobs.generate.pipeline import finish_rows
+    from jobs.tasks.verify import warm
 
     def counts(batch) -> dict[str, int]:
         status = batch.column("status").to_pylist()
@@ -110,4 +111,4 @@ def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], cha
     return run_llm(rows, llm=cfg.teacher, sampling=cfg.sampling, model_path=model_path,
                    finish=partial(finish_rows, max_tokens=cfg.sampling.max_tokens), schema=CHAIN_SCHEMA,
                    folder=chains_dir, ray_cfg=cfg.ray, label=STAGE, write_rows=cfg.write_rows,
-                   counts=counts, log=log)
+                   counts=counts, log=log, warm=partial(warm, sorted({r["verifier"] for r in rows})))

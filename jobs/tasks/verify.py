@@ -7,7 +7,7 @@ import functools
 import json
 import re
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 CORRECT_AT = 0.999  # reasoning-gym gives partial credit; only a full score counts as correct
 
@@ -17,6 +17,16 @@ def _gym_scorer(task: str) -> Callable[[str, dict], float]:
     import reasoning_gym
 
     return reasoning_gym.get_score_answer_fn(task)
+
+
+def warm(verifiers: Iterable[str]) -> None:
+    """Load what scoring with these verifiers needs (reasoning-gym's scorers, math-verify), ahead
+    of the first answer."""
+    for verifier in verifiers:
+        if verifier.startswith("rg:"):
+            _gym_scorer(verifier[3:])
+        elif verifier == "math":
+            import math_verify  # noqa: F401
 
 
 def normalize(text: str) -> str:

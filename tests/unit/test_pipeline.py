@@ -12,7 +12,8 @@ from jobs.common.config import build
 from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
 from jobs.common import llm as llm_mod
-from jobs.common.llm import HTTPRequest, LLMConfig, VLLMRequest, cpu_has_native_bf16, engine_kwargs
+from jobs.common.llm import (FinishBatch, HTTPRequest, LLMConfig, VLLMRequest, cpu_has_native_bf16, engine_kwargs,
+                             stage_concurrency)
 from jobs.generate.pipeline import chain_seed, finish_rows, plan_rows
 from jobs.generate.report import format_table, summarize
 from jobs.generate.schema import CHAIN_SCHEMA
@@ -140,6 +141,24 @@ def test_finish_rows_parses_grades_and_keeps_failures():
     assert summary["status"] == {"ok": 2, "unparsed": 1, "error": 2}
     assert summary["by_category"]["math"]["graded"] == 3 and summary["duplicates"] == 0
     assert "total" in format_table(summary)
+
+
+def test_finishing_actors_warm_up_once_and_match_the_model_workers():
+    """The finishing stage's actors load the verifiers when they start, not at the first result."""
+    from functools import partial
+
+    from jobs.tasks import verify
+
+    verify._gym_scorer.cache_clear()
+    finisher = FinishBatch(partial(finish_rows, max_tokens=512), CHAIN_SCHEMA,
+                           warm=partial(verify.warm, ["exact", "math", "rg:chain_sum"]))
+    assert verify._gym_scorer.cache_info().currsize == 1  # chain_sum's scorer is loaded
+    batch = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "http_response"} for r in engine_rows()[:2]])
+    out = finisher(batch)
+    assert out.schema == CHAIN_SCHEMA and out.column("correct").to_pylist() == [True, False]
+    assert verify._gym_scorer.cache_info().currsize == 1
+    assert stage_concurrency(LLMConfig(model="m", concurrency=(2, 8))) == (2, 8)
+    assert stage_concurrency(LLMConfig(model="m", backend="openai", base_url="http://h/v1", http_concurrency=3)) == (1, 3)
 
 
 def test_http_response_is_read():
