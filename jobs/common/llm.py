@@ -85,16 +85,24 @@ class SamplingConfig:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
-def load_model(llm: LLMConfig, log) -> tuple[str | None, Any]:
-    """The model's local path and tokenizer (vLLM backend); an HTTP server needs neither."""
+def model_path(llm: LLMConfig, log) -> str | None:
+    """The model's local folder (vLLM backend), fetched and converted if need be; an HTTP server
+    needs none."""
     if llm.backend == "openai":
-        return None, None
-    from transformers import AutoTokenizer
-
+        return None
     from jobs.common.models import resolve
 
-    path = resolve(llm.model, log=log)
-    return path, AutoTokenizer.from_pretrained(path)
+    return resolve(llm.model, log=log)
+
+
+def load_tokenizer(path: str | None) -> Any:
+    """The tokenizer of a local model folder (None: none). Most of its cost is importing
+    transformers, a few seconds, so callers run it while Ray starts (`init_ray_while`)."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def sampling_params(s: SamplingConfig, seed: int | None) -> dict[str, Any]:

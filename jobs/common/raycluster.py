@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from jobs.common.config import doc
 
+T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Ray Data's pipelines hold one actor or task per stage at once; with fewer logical CPUs than
 # stages a 2-core machine deadlocks, so a local cluster advertises at least this many.
@@ -49,6 +52,16 @@ def quiet_local_workers() -> None:
 
     for name in LOCAL_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_ray_while(cfg: RayConfig, work: Callable[[], T], log=print) -> T:
+    """Start or join Ray (`init_ray`) while `work` runs in a thread; returns what `work` returned
+    and raises what it raised. Starting Ray mostly waits on its daemons, so work that imports
+    or reads files (loading a tokenizer) costs no time beside it."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cotd-while-ray-starts") as pool:
+        pending = pool.submit(work)
+        init_ray(cfg, log=log)  # on an error, leaving the block waits for `work`, then raises it
+        return pending.result()
 
 
 def init_ray(cfg: RayConfig, log=print) -> str:

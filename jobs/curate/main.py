@@ -27,8 +27,8 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.common.config import ConfigError, to_dict
-from jobs.common.llm import LLMConfig, load_model, run_llm
-from jobs.common.raycluster import init_ray
+from jobs.common.llm import LLMConfig, load_tokenizer, model_path, run_llm
+from jobs.common.raycluster import init_ray_while
 from jobs.common.runs import PartWriter, clean_partial, part_files, read_dataset, write_json
 from jobs.curate.config import CurateConfig
 from jobs.curate.examples import EXAMPLE_SCHEMA, RATIONALE, general_examples, val_ids
@@ -56,14 +56,12 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
     chains_dir, files, teacher = check_chains(cfg.chains, out)
     general = load_problems(cfg.mix.sources) if cfg.mix.sources and cfg.mix.ratio > 0 else []
     judge_llm = _judge_llm(cfg, teacher)
-    judge_path, judge_tok = (None, None)
-    if judge_llm is not None:
-        judge_path, judge_tok = load_model(judge_llm, log)
+    judge_path = model_path(judge_llm, log) if judge_llm is not None else None
 
-    # set up
+    # set up; the judge's tokenizer, its last check, loads while Ray starts
     import ray
 
-    init_ray(cfg.ray, log=log)
+    judge_tok = init_ray_while(cfg.ray, partial(load_tokenizer, judge_path), log=log)
     chains = ray.data.read_parquet([str(f) for f in files], columns=list(CHAIN_COLUMNS))
     partitions = max(1, min(64, len(files) // 8 + 1))
     log(f"curating {chains_dir} ({len(files)} part files)")

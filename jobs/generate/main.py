@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +30,27 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     started = time.time()
     run_dir, chains_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "chains"
 
-    # validate: every input is read and checked before Ray or a model starts
+    # validate: every input is read and checked before anything is written, and all but the
+    # tokenizer before Ray or a model starts
+    from jobs.common.llm import load_tokenizer, model_path as resolve_model
+    from jobs.common.raycluster import init_ray_while
     from jobs.formats.prompts import load_exemplars
     from jobs.tasks.sources import load_problems
 
     problems = load_problems(cfg.sources)
     pool = load_exemplars(cfg.prompt.exemplars)
-    from jobs.common.llm import load_model
-
-    model_path, tokenizer = load_model(cfg.teacher, log)
+    model_path = resolve_model(cfg.teacher, log)
+    _check_run_dir(cfg, run_dir, chains_dir)
+    done = set() if cfg.overwrite else existing_keys(chains_dir, CHAIN_KEY)
+    missing = sum((p.id, k) not in done for p in problems for k in range(cfg.paths_per_problem))
+    # the tokenizer, the last and slowest check, loads while Ray starts; a finished run needs neither
+    tokenizer = init_ray_while(cfg.ray, partial(load_tokenizer, model_path), log) if missing else None
     _claim_run_dir(cfg, run_dir, chains_dir, log)
 
     # plan: only what the run directory does not hold yet
     from jobs.generate.pipeline import plan_rows
 
     removed = clean_partial(chains_dir)
-    done = existing_keys(chains_dir, CHAIN_KEY)
     rows = plan_rows(problems, cfg, pool, tokenizer, skip=done)
     total = len(problems) * cfg.paths_per_problem
     log(f"{len(problems)} problems x {cfg.paths_per_problem} paths = {total} chains; "
@@ -79,25 +85,27 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     return manifest
 
 
-def _claim_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path, log) -> None:
+def _check_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path) -> None:
     """Refuse to mix chains made under another teacher, prompt or sampling setup into one dataset."""
     marker = run_dir / "run.json"
-    if cfg.overwrite and chains_dir.exists():
-        log(f"overwrite=true: deleting {chains_dir}")
-        shutil.rmtree(chains_dir)
-    if marker.is_file() and chains_dir.exists():
+    if not cfg.overwrite and marker.is_file() and chains_dir.exists():
         before = read_json(marker).get("fingerprint")
         if before != cfg.fingerprint():
             diff = sorted(k for k in cfg.fingerprint() if (before or {}).get(k) != cfg.fingerprint()[k])
             raise ConfigError(
                 f"{run_dir} holds chains made with a different {', '.join(diff)}; resuming would mix them. "
                 "Use another out_dir, or overwrite=true to start over.")
-    write_json(marker, {"stage": STAGE, "fingerprint": cfg.fingerprint()})
+
+
+def _claim_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path, log) -> None:
+    """Mark the run directory as this setup's (after `_check_run_dir`), emptied first on overwrite."""
+    if cfg.overwrite and chains_dir.exists():
+        log(f"overwrite=true: deleting {chains_dir}")
+        shutil.rmtree(chains_dir)
+    write_json(run_dir / "run.json", {"stage": STAGE, "fingerprint": cfg.fingerprint()})
 
 
 def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], chains_dir: Path, log) -> dict[str, Any]:
-    from functools import partial
-
     from jobs.common.llm import run_llm
     from jobs.generate.pipeline import finish_rows
     from jobs.tasks.verify import warm

@@ -91,9 +91,10 @@ def test_generate_writes_graded_chains_and_manifest(tmp_path, tiny_model, ray_se
     assert any("accuracy" in line for line in lines)                  # summary table
 
 
-def test_resume_fills_only_what_is_missing_and_refuses_a_different_setup(tmp_path, tiny_model, ray_session):
+def test_resume_fills_only_what_is_missing_and_refuses_a_different_setup(tmp_path, tiny_model, ray_session, monkeypatch):
     """Three engine runs in all: the first run, a resume that fills a lost part and a third path per
     problem at once, and an overwrite; the no-op and the refusal start no engine."""
+    from jobs.common import raycluster
     from jobs.common.config import ConfigError
 
     run = tmp_path / "run"
@@ -119,14 +120,17 @@ def test_resume_fills_only_what_is_missing_and_refuses_a_different_setup(tmp_pat
     assert all((run / "chains" / name).stat().st_mtime_ns == t for name, t in first.items() if name != lost)
     assert manifest["last_attempt"]["rows"] == len(lost_keys) + 7
 
-    # the same command once more: nothing to do, nothing duplicated
-    manifest = main(config(run, tiny_model, paths_per_problem=3), log=lambda *_: None)
-    assert manifest["last_attempt"]["rows"] == 0 and len(keys(run)) == 21
+    # the same command once more: nothing to do, nothing duplicated; and neither Ray nor the
+    # tokenizer is started, nor, for the refusal below, before refusing
+    with monkeypatch.context() as m:
+        m.setattr(raycluster, "init_ray_while", lambda *a, **k: pytest.fail("started Ray with nothing to generate"))
+        manifest = main(config(run, tiny_model, paths_per_problem=3), log=lambda *_: None)
+        assert manifest["last_attempt"]["rows"] == 0 and len(keys(run)) == 21
 
-    # other sampling settings would mix two setups in one dataset: refused, the run left as it is
-    with pytest.raises(ConfigError, match="different sampling"):
-        main(config(run, tiny_model, paths_per_problem=3, **{"sampling.temperature": 0.3}), log=lambda *_: None)
-    assert len(keys(run)) == 21
+        # other sampling settings would mix two setups in one dataset: refused, the run left as it is
+        with pytest.raises(ConfigError, match="different sampling"):
+            main(config(run, tiny_model, paths_per_problem=3, **{"sampling.temperature": 0.3}), log=lambda *_: None)
+        assert len(keys(run)) == 21
     # unless the user asks to start over
     manifest = main(config(run, tiny_model, overwrite=True, **{"sampling.temperature": 0.3,
                     "sources": [{"type": "reasoning_gym", "tasks": [{"name": "chain_sum", "size": 1}]}]}),
