@@ -170,12 +170,18 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_by_default(use_gpu: bool) -> bool:
+    """What `auto` means for the teacher's dtype and the student's training precision: bf16 on
+    GPUs, and on CPUs with native bf16 arithmetic, read on the machine that builds the job."""
+    return use_gpu or cpu_has_native_bf16()
+
+
 def engine_dtype(llm: LLMConfig) -> str:
     """The dtype the engine runs in: `llm.dtype`, with auto resolved for this machine's replicas.
     On a CPU cluster of another CPU type than the machine that builds the job, set it explicitly."""
     if llm.dtype != "auto":
         return llm.dtype
-    return "bfloat16" if llm.use_gpu or cpu_has_native_bf16() else "float32"
+    return "bfloat16" if bf16_by_default(llm.use_gpu) else "float32"
 
 
 def engine_kwargs(llm: LLMConfig) -> dict[str, Any]:

@@ -178,19 +178,14 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
-    """Whether the workers train in bf16: `precision`, with auto resolved like the teacher's dtype
-    (jobs.common.llm.engine_dtype). On a CPU without native bf16, DeepSpeed's bf16 converts every
+    """Whether the workers train in bf16: `precision`, with auto resolved as the teacher's dtype is
+    (jobs.common.llm.bf16_by_default). On a CPU without native bf16, DeepSpeed's bf16 converts every
     operand and is slower than fp32; with it, bf16 LoRA trained 1.43x as fast as fp32 on a 2-core
-    CPU (docs/benchmarks.md). The CPU flags read are those of the machine that builds the job."""
-    import torch
+    CPU (docs/benchmarks.md). GPU workers train in bf16 whatever the machine that builds the job
+    has (a cluster's head node often has no GPU)."""
+    from jobs.common.llm import bf16_by_default
 
-    from jobs.common.llm import cpu_has_native_bf16
-
-    if cfg.precision == "fp32":
-        return False
-    if cfg.scaling.use_gpu:
-        return torch.cuda.is_available()
-    return cfg.precision == "bf16" or cpu_has_native_bf16()
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_by_default(cfg.scaling.use_gpu))
 
 
 def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sample: list[dict], total_steps: int,

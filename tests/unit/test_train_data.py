@@ -159,8 +159,11 @@ def test_precision_auto_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     assert precision("auto") is False and precision("bf16") is True and precision("fp32") is False
     monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: True)
     assert precision("auto") is True and precision("fp32") is False
+    # GPU workers train in bf16 even when the machine that builds the job has no GPU (a head node)
     gpu = {"scaling": {"use_gpu": True}}
-    assert precision("auto", **gpu) is torch.cuda.is_available() and precision("fp32", **gpu) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
+    assert precision("auto", **gpu) is True and precision("bf16", **gpu) is True and precision("fp32", **gpu) is False
 
 
 def lrs_of_steps(schedule: str, warmup: int, steps: int, lr: float = 1.0) -> list[float]:
