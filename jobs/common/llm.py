@@ -207,6 +207,14 @@ def stage_concurrency(llm: LLMConfig) -> tuple[int, int]:
     return tuple(llm.concurrency) if llm.backend == "vllm" else (1, llm.http_concurrency)
 
 
+def request_stage(llm: LLMConfig) -> dict[str, Any]:
+    """Ray Data map arguments of the processor's request-building stage: as many tasks at once as
+    `stage_concurrency` allows."""
+    from ray.data import TaskPoolStrategy
+
+    return {"compute": TaskPoolStrategy(size=stage_concurrency(llm)[1])}
+
+
 def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
     """The ray.data.llm processor for a configured model."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
@@ -218,7 +226,7 @@ def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
             url=llm.base_url.rstrip("/") + "/chat/completions", headers=headers, qps=llm.qps,
             max_retries=llm.max_retries, concurrency=llm.http_concurrency, batch_size=llm.batch_size)
         return build_processor(proc_cfg, preprocess=HTTPRequest(sampling, llm.served_model or llm.model, llm.seeds_to_engine()),
-                               preprocess_map_kwargs={"concurrency": stage_concurrency(llm)[1]})
+                               preprocess_map_kwargs=request_stage(llm))
     placement = None
     if not llm.use_gpu:
         placement = {"bundles": [{"CPU": llm.cpus_per_replica}] * llm.tensor_parallel_size}
@@ -237,7 +245,7 @@ def build_llm(llm: LLMConfig, sampling: SamplingConfig, model_path: str | None):
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
     )
     return build_processor(proc_cfg, preprocess=VLLMRequest(sampling, llm.seeds_to_engine()),
-                           preprocess_map_kwargs={"concurrency": stage_concurrency(llm)[1]})
+                           preprocess_map_kwargs=request_stage(llm))
 
 
 def engine_output(row: dict[str, Any], max_tokens: int) -> tuple[str | None, int, int, float, str, str]:
@@ -299,7 +307,9 @@ def run_llm(rows: list[dict[str, Any]], *, llm: LLMConfig, sampling: SamplingCon
     blocks = max(1, min(len(rows) // llm.batch_size, 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = build_llm(llm, sampling, model_path)(ds)
-    ds = ds.map_batches(FinishBatch, fn_constructor_args=(finish, schema, warm), concurrency=stage_concurrency(llm),
+    lo, hi = stage_concurrency(llm)
+    ds = ds.map_batches(FinishBatch, fn_constructor_args=(finish, schema, warm),
+                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         batch_format="pyarrow", batch_size=write_rows)
 
     writer = PartWriter(folder, schema)

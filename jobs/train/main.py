@@ -168,9 +168,10 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
     ds = ray.data.read_parquet([str(f) for f in files], columns=["messages", "kind"])
     ds = ds.random_shuffle(seed=cfg.seed)
     ds = ds.map_batches(Tokenize, fn_constructor_args=(model_path, cfg.max_seq_len, dict(cfg.weights)),
-                        batch_size=256, concurrency=1)
+                        batch_size=256, compute=ray.data.ActorPoolStrategy(size=1))
     if cfg.packing:
-        ds = ds.map_batches(Pack, fn_constructor_args=(cfg.max_seq_len,), batch_size=512, concurrency=1)
+        ds = ds.map_batches(Pack, fn_constructor_args=(cfg.max_seq_len,), batch_size=512,
+                            compute=ray.data.ActorPoolStrategy(size=1))
     ds = ds.materialize()
     n = ds.count()
     truncated = int(ds.sum("truncated") or 0) if n else 0

@@ -13,7 +13,7 @@ from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
 from jobs.common import llm as llm_mod
 from jobs.common.llm import (FinishBatch, HTTPRequest, LLMConfig, VLLMRequest, cpu_has_native_bf16, engine_kwargs,
-                             stage_concurrency)
+                             request_stage, stage_concurrency)
 from jobs.generate.pipeline import chain_seed, finish_rows, plan_rows
 from jobs.generate.report import format_table, summarize
 from jobs.generate.schema import CHAIN_SCHEMA
@@ -158,6 +158,7 @@ def test_finishing_actors_warm_up_once_and_match_the_model_workers():
     assert out.schema == CHAIN_SCHEMA and out.column("correct").to_pylist() == [True, False]
     assert verify._gym_scorer.cache_info().currsize == 1
     assert stage_concurrency(LLMConfig(model="m", concurrency=(2, 8))) == (2, 8)
+    assert request_stage(LLMConfig(model="m", concurrency=(2, 8)))["compute"].size == 8
     assert stage_concurrency(LLMConfig(model="m", backend="openai", base_url="http://h/v1", http_concurrency=3)) == (1, 3)
 
 
