@@ -24,7 +24,8 @@ class LLMConfig:
     model: str = doc("packaged model name (`cotd models list`), local Hugging Face folder, or hub id")
     backend: Literal["vllm", "openai"] = doc("vllm: replicas inside Ray; openai: an OpenAI-compatible HTTP server", "vllm")
     # vLLM replicas
-    concurrency: tuple[int, int] = doc("replicas (min, max); Ray Data autoscales between them", (1, 1))
+    concurrency: tuple[int, int] = doc(
+        "replicas (min, max); Ray Data autoscales between them, with as many actors finishing (parsing, grading) results", (1, 1))
     tensor_parallel_size: int = doc("GPUs (or CPU bundles) per replica, for models too big for one device", 1)
     use_gpu: bool = doc("run replicas on GPUs (false: vLLM on CPU)", False)
     accelerator_type: str | None = doc("Ray accelerator type to schedule on, e.g. H100 (GPU only)", None)
