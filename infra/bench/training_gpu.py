@@ -12,6 +12,9 @@ which train exactly as fast. The data is the real CoT length distribution of a g
 Two steps, because the GPU machine need not have what reading a generate run takes:
     .venv/bin/python infra/bench/training_gpu.py lengths --chains runs/q1/chains --model qwen2.5-coder-0.5b-instruct --out lengths.json
     python infra/bench/training_gpu.py run --lengths lengths.json --model path/to/qwen2.5-coder-1.5b-instruct
+infra/bench/gpu_kit.sh does the first and gathers the wheels a machine without DeepSpeed needs.
+`--micro-batch` and `--loss-chunk` take comma lists: every combination runs in one process.
+`--cpu` runs the steps on a CPU where there is no GPU (it checks the script; no MFU).
 
 MFU is model FLOPs (jobs/train/flops.py) over the step's time and the GPU's data-sheet dense
 bf16 peak; `of matmul` puts the same FLOPs against the matrix-product rate measured in this run.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -56,22 +60,28 @@ def write_lengths(args) -> None:
     print(f"{len(pairs)} examples from {args.chains} -> {out}")
 
 
-def matmul_rate(size: int = 8192, repeats: int = 20) -> float:
+def matmul_rate(device, size: int = 8192, repeats: int = 20) -> float:
     """bf16 FLOP/s of one large matrix product on random data (median of `repeats`)."""
     import torch
 
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        sync(device)
+        t = time.perf_counter()
         a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        sync(device)
+        times.append(time.perf_counter() - t)
     return 2 * size**3 / statistics.median(times)
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def model_folder(model: str, tmp: Path) -> str:
@@ -109,7 +119,8 @@ def sequences(pairs: list[list[int]], vocab: int, cfg, count: int, seed: int = 0
     return seqs[:count]
 
 
-def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None, matmul: float) -> dict:
+def bench(args, device, method: str, micro_batch: int, loss_chunk: int, folder: str, pairs, vocab: int,
+          peak: float | None, matmul: float) -> dict:
     import deepspeed
     import torch
 
@@ -122,13 +133,14 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
     cfg = build(TrainConfig, {
         "data": "-", "out_dir": "-", "model": folder, "method": method, "precision": "bf16",
         "zero": {"stage": args.zero}, "packing": not args.padded, "max_seq_len": args.max_seq_len,
-        "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum, "lr": 1e-5 if method == "full" else 2e-4,
+        "micro_batch_size": micro_batch, "grad_accum": args.grad_accum, "lr": 1e-5 if method == "full" else 2e-4,
         "warmup_steps": 0, "gradient_checkpointing": args.gradient_checkpointing,
-        "compile": args.compile, "loss_chunk_tokens": args.loss_chunk,
-        "scaling": {"num_workers": 1, "use_gpu": True}})
+        "compile": args.compile, "loss_chunk_tokens": loss_chunk,
+        "scaling": {"num_workers": 1, "use_gpu": device.type == "cuda"}})
     total = args.warmup + args.steps
-    device = torch.device("cuda", 0)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model = build_model(cfg, folder, torch.bfloat16)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -144,7 +156,7 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
     for step in range(total):
         window = [seqs[(step * cfg.grad_accum + m) * cfg.micro_batch_size:][:cfg.micro_batch_size]
                   for m in range(cfg.grad_accum)]
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         cpu = [collate_fn(mb) for mb in window]
         weight = sum(float(b["weights"][:, 1:].sum()) for b in cpu)
@@ -152,7 +164,7 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
         loss_sum, total_weight = optimizer_step(engine, batches, weight, 1, cfg.grad_accum, device,
                                                 cfg.loss_chunk_tokens)
         losses.append(float(loss_sum) / total_weight)  # waits for the step, as the training loop's report does
-        torch.cuda.synchronize()
+        sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(s["input_ids"]) for mb in window for s in mb))
@@ -165,11 +177,16 @@ def bench(args, method: str, folder: str, pairs, vocab: int, peak: float | None,
            "micro_batch": cfg.micro_batch_size, "packing": cfg.packing, "tokens_per_step": tokens[0],
            "tok_s": sum(tokens) / seconds, "tflops": sum(flops) / seconds / 1e12,
            "mfu": sum(flops) / seconds / peak if peak else None, "of_matmul": sum(flops) / seconds / matmul,
-           "step_s_median": statistics.median(times), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "step_s_median": statistics.median(times),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
            "params": sum(p.numel() for p in model.parameters()),
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)]}
     return row
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def profile_step(step) -> None:
@@ -200,14 +217,18 @@ def run(args) -> None:
 
     from jobs.train.flops import peak_flops
 
-    if not torch.cuda.is_available():
-        sys.exit("training_gpu.py run: no CUDA GPU here")
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu:
+        sys.exit("training_gpu.py run: no CUDA GPU here (--cpu runs the same steps on the CPU, to check the script)")
+    if args.profile and not cuda:
+        sys.exit("training_gpu.py run: --profile needs a CUDA GPU")
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": os.environ.get("MASTER_PORT", "29533")})
-    deepspeed.init_distributed(dist_backend="nccl")
-    name = torch.cuda.get_device_name(0)
-    peak = peak_flops(name)
-    matmul = matmul_rate()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    peak = peak_flops(name) if cuda else None
+    matmul = matmul_rate(device) if cuda else matmul_rate(device, size=1024, repeats=3)
     lengths = json.loads(Path(args.lengths).read_text())
     pairs = lengths["prompt_answer"]
     results = []
@@ -215,13 +236,16 @@ def run(args) -> None:
         for model in args.model:
             folder = model_folder(model, Path(tmp) / Path(model).name)
             vocab = AutoConfig.from_pretrained(folder).vocab_size
-            for method in args.methods.split(","):
+            for method, micro_batch, loss_chunk in itertools.product(
+                    args.methods.split(","), ints(args.micro_batch), ints(args.loss_chunk)):
                 try:
-                    row = bench(args, method, folder, pairs, vocab, peak, matmul)
+                    row = bench(args, device, method, micro_batch, loss_chunk, folder, pairs, vocab, peak, matmul)
                 except torch.OutOfMemoryError as e:
-                    row = {"method": method, "error": f"out of GPU memory: {str(e).splitlines()[0][:80]}"}
-                gc.collect()  # the engine and its optimizer state go before the next model
-                torch.cuda.empty_cache()
+                    row = {"method": method, "micro_batch": micro_batch, "loss_chunk": loss_chunk,
+                           "error": f"out of GPU memory: {str(e).splitlines()[0][:80]}"}
+                gc.collect()  # the engine and its optimizer state go before the next one
+                if cuda:
+                    torch.cuda.empty_cache()
                 row["model"] = Path(model).name
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -230,15 +254,16 @@ def run(args) -> None:
                       "matmul_tflops": matmul / 1e12, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                       "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                       "examples": len(pairs), "mean_example_tokens": round(mean_len, 1),
-                      "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum}))
-    print(f"\n{'model':<30} {'method':<6} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'of matmul':>9} {'mem GiB':>8}")
+                      "max_seq_len": args.max_seq_len, "grad_accum": args.grad_accum, "compile": args.compile}))
+    print(f"\n{'model':<30} {'method':<6} {'mb':>3} {'chunk':>6} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'of matmul':>9} {'mem GiB':>8}")
     for r in results:
+        head = f"{r['model']:<30} {r['method']:<6} {r['micro_batch']:>3} {r['loss_chunk']:>6}"
         if "error" in r:
-            print(f"{r['model']:<30} {r['method']:<6} {r['error']}")
+            print(f"{head} {r['error']}")
             continue
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:<30} {r['method']:<6} {r['tok_s']:>9.0f} {r['tflops']:>8.1f} {mfu:>6} "
-              f"{r['of_matmul']:>9.3f} {r['peak_mem_gib']:>8.1f}")
+        print(f"{head} {r['tok_s']:>9.0f} {r['tflops']:>8.1f} {mfu:>6} {r['of_matmul']:>9.3f} {r['peak_mem_gib']:>8.1f}")
     print(f"matmul baseline {matmul / 1e12:.0f} TFLOP/s measured; data-sheet peak "
           f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s ({name}); target MFU >= 0.40 for full fine-tuning")
 
@@ -256,15 +281,18 @@ def main() -> None:
     rp.add_argument("--methods", default="full,lora")
     rp.add_argument("--zero", type=int, default=2)
     rp.add_argument("--max-seq-len", type=int, default=4096)
-    rp.add_argument("--micro-batch", type=int, default=2)
+    rp.add_argument("--micro-batch", default="2", help="rows per micro-batch; a comma list runs each")
     rp.add_argument("--grad-accum", type=int, default=4)
     rp.add_argument("--padded", action="store_true", help="padded batches instead of packed")
     rp.add_argument("--gradient-checkpointing", action="store_true")
     rp.add_argument("--compile", action="store_true", help="train with compile: true (torch.compile per layer)")
-    rp.add_argument("--loss-chunk", type=int, default=0, help="train with loss_chunk_tokens (0: loss from the logits)")
+    rp.add_argument("--loss-chunk", default="0",
+                    help="train with loss_chunk_tokens (0: loss from the logits); a comma list runs each")
     rp.add_argument("--warmup", type=int, default=3)
     rp.add_argument("--steps", type=int, default=10)
     rp.add_argument("--profile", action="store_true", help="print a profile of one more step")
+    rp.add_argument("--cpu", action="store_true",
+                    help="where there is no GPU: the same steps on the CPU (checks the script; MFU is not computed)")
     args = p.parse_args()
     write_lengths(args) if args.cmd == "lengths" else run(args)
 

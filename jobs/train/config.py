@@ -166,8 +166,11 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, bf16: bool) -> dict[str
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # torch's AdamW (no compiled DeepSpeed ops needed), fused: one pass over each flat fp32 state
+        # buffer instead of one per arithmetic operation (9-12x faster AdamW steps on CPU; docs/benchmarks.md)
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True,
+                                                  "fused": True}},
         "scheduler": scheduler,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

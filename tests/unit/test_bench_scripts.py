@@ -1,0 +1,58 @@
+"""The GPU benchmark scripts run where CI is (no GPU) so they cannot rot between the sessions that
+have one: `training_gpu.py run --cpu` and `optimizer.py` on a tiny model, without Ray (the GPU
+machine has none)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out / "tiny")
+    (out / "lengths.json").write_text(json.dumps({"prompt_answer": [[12, 30], [20, 44], [8, 16]]}))
+    # a stand-in for the GPU machine, which has no Ray: importing it fails
+    (out / "noray").mkdir()
+    (out / "noray" / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None\n")
+    return out
+
+
+def run(tiny: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(tiny / "noray"), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_training_benchmark_sweeps_on_cpu(tiny):
+    base = ["infra/bench/training_gpu.py", "run", "--lengths", str(tiny / "lengths.json"), "--model", str(tiny / "tiny"),
+            "--methods", "full", "--zero", "0", "--micro-batch", "1,2", "--loss-chunk", "0,16", "--max-seq-len", "128",
+            "--grad-accum", "2", "--warmup", "1", "--steps", "1"]
+    refused = run(tiny, *base)
+    assert refused.returncode != 0 and "no CUDA GPU here" in refused.stderr
+    proc = run(tiny, *base, "--cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"method"')]
+    assert [(r["micro_batch"], r["loss_chunk"]) for r in rows] == [(1, 0), (1, 16), (2, 0), (2, 16)]
+    assert all(r["tok_s"] > 0 and r["tokens_per_step"] > 0 and r["mfu"] is None for r in rows)
+
+
+def test_optimizer_benchmark_compares_fused_and_foreach_adamw(tiny):
+    proc = run(tiny, "infra/bench/optimizer.py", "--model", str(tiny / "tiny"), "--tokens", "64", "--steps", "1",
+               "--repeat", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"fused"')]
+    assert [r["fused"] for r in runs] == [False, True]
+    assert "fused is" in proc.stdout and "ratio fused/foreach time" in proc.stdout
