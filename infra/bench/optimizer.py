@@ -53,14 +53,13 @@ def measure(args, folder: str, fused: bool, device) -> dict:
     from jobs.common.config import build
     from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
     from jobs.train.data import collate_packed
-    from jobs.train.loop import build_model, optimizer_step
-    from jobs.train.main import use_bf16
+    from jobs.train.loop import build_model, optimizer_step, trains_in_bf16
 
     cfg = build(TrainConfig, {
         "data": "-", "out_dir": "-", "model": folder, "method": args.method, "precision": args.precision,
         "zero": {"stage": args.zero}, "max_seq_len": args.tokens, "micro_batch_size": 1, "grad_accum": 1,
         "warmup_steps": 0, "scaling": {"num_workers": 1, "use_gpu": device.type == "cuda"}})
-    bf16 = use_bf16(cfg)
+    bf16 = trains_in_bf16(cfg, None, device)
     ds = deepspeed_config(cfg, args.warmup + args.steps, bf16)
     ds["optimizer"]["params"]["fused"] = fused
     torch.manual_seed(0)

@@ -173,7 +173,8 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def bf16_by_default(use_gpu: bool) -> bool:
     """What `auto` means for the teacher's dtype and the student's training precision: bf16 on
-    GPUs, and on CPUs with native bf16 arithmetic, read on the machine that builds the job."""
+    GPUs, and on CPUs with native bf16 arithmetic, read on the machine that calls it (the job's
+    driver for the teacher, each training worker for the student)."""
     return use_gpu or cpu_has_native_bf16()
 
 

@@ -65,7 +65,8 @@ class TrainConfig:
     zero: ZeroConfig = doc("DeepSpeed ZeRO settings", ZeroConfig())
     precision: Literal["auto", "bf16", "fp32"] = doc(
         "bf16 mixed precision (where the device supports it), fp32, or auto: bf16 on GPUs and on CPUs with native "
-        "bf16 arithmetic (AVX512-BF16 or AMX), fp32 on other CPUs", "auto")
+        "bf16 arithmetic (AVX512-BF16 or AMX), fp32 on other CPUs; decided on the workers (on CPUs, bf16 only if "
+        "every worker's CPU has it), and a resumed run keeps its checkpoint's precision", "auto")
     max_seq_len: int = doc("longest training sequence in tokens; longer examples are cut (and counted)", 1024)
     packing: bool = doc("pack several examples into each sequence (no attention across examples)", True)
     micro_batch_size: int = doc("sequences per worker per forward pass", 4)

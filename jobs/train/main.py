@@ -69,14 +69,14 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
                          f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x "
                          f"{cfg.scaling.num_workers} workers); lower them or add data")
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-    bf16 = use_bf16(cfg)
     log(f"{n_train} training sequences ({'packed' if cfg.packing else 'one example each'}, "
         f"{truncated} examples cut to {cfg.max_seq_len} tokens), {n_val} validation; "
         f"{total_steps} steps of {per_step} sequences on {cfg.scaling.num_workers} workers, "
-        f"{'bf16' if bf16 else 'fp32'}{' (precision auto, for this machine)' if cfg.precision == 'auto' else ''}")
+        + (cfg.precision if cfg.precision != "auto" else "precision auto (bf16 on GPUs and on CPUs with native bf16, "
+           "decided by the workers)"))
 
     # run
-    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, sample, total_steps, steps_per_epoch, bf16, out, log)
+    result = _fit(cfg, model_path, pad_id, train_ds, val_ds, sample, total_steps, steps_per_epoch, out, log)
 
     # export and summarize
     with result.checkpoint.as_directory() as d:
@@ -87,14 +87,14 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     final = history[-1]
     manifest = {
         "stage": STAGE, "config": to_dict(cfg), "model_path": model_path, "steps": final["step"],
-        "resumed_at_steps": state["resumes"], "precision": "bf16" if bf16 else "fp32",
+        "resumed_at_steps": state["resumes"], "precision": state["precision"],
         "final": final, "first_loss": history[0]["loss"], "sequences": {"train": n_train, "val": n_val, "truncated": truncated},
         "checkpoint": result.checkpoint.path, "outputs": _outputs(cfg, out),
         "wall_seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(out / "manifest.json", manifest)
     _model_card(cfg, manifest, out)
-    log(f"trained {final['step']} steps: loss {history[0]['loss']:.4f} -> {final['loss']:.4f}"
+    log(f"trained {final['step']} steps in {state['precision']}: loss {history[0]['loss']:.4f} -> {final['loss']:.4f}"
         + (f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else "")
         + (f", val answer accuracy {final['val_accuracy']:.3f} on {len(sample)} problems"
            if final.get("val_accuracy") is not None else ""))
@@ -178,19 +178,8 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
     return ds.drop_columns(["truncated"]), n, truncated
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
-    """Whether the workers train in bf16: `precision`, with auto resolved as the teacher's dtype is
-    (jobs.common.llm.bf16_by_default). On a CPU without native bf16, DeepSpeed's bf16 converts every
-    operand and is slower than fp32; with it, bf16 LoRA trained 1.43x as fast as fp32 on a 2-core
-    CPU (docs/benchmarks.md). GPU workers train in bf16 whatever the machine that builds the job
-    has (a cluster's head node often has no GPU)."""
-    from jobs.common.llm import bf16_by_default
-
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_by_default(cfg.scaling.use_gpu))
-
-
 def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sample: list[dict], total_steps: int,
-         steps_per_epoch: int, bf16: bool, out: Path, log):
+         steps_per_epoch: int, out: Path, log):
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
@@ -200,7 +189,7 @@ def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sampl
     datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "model_path": model_path, "total_steps": total_steps, "bf16": bf16,
+        train_loop_config={"cfg": cfg, "model_path": model_path, "total_steps": total_steps,
                            "steps_per_epoch": steps_per_epoch, "pad_id": pad_id, "has_val": val_ds is not None,
                            "accuracy_sample": sample},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),

@@ -62,8 +62,9 @@ def history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_run(out: Path, manifest: dict, accuracy: bool = False) -> list[dict]:
-    """`accuracy`: the run sampled answer accuracy at each validation (val_accuracy_samples)."""
+def check_run(out: Path, manifest: dict, accuracy: bool = False, precision: str = "fp32") -> list[dict]:
+    """`accuracy`: the run sampled answer accuracy at each validation (val_accuracy_samples);
+    `precision`: the one the workers trained in."""
     h = history(out)
     validated = [m for m in h if m.get("val_loss") is not None]
     if accuracy:  # a random student answers few right, but each validation measures it
@@ -76,7 +77,7 @@ def check_run(out: Path, manifest: dict, accuracy: bool = False) -> list[dict]:
     ckpts = sorted(p.name for p in (out / "checkpoints" / "train").iterdir() if p.name.startswith("step-"))
     assert ckpts and ckpts[-1].endswith("-final") and len(ckpts) <= 2  # keep_checkpoints
     assert "loss" in (out / "MODEL_CARD.md").read_text()
-    assert manifest["precision"] == "fp32" and ", fp32, " in (out / "MODEL_CARD.md").read_text()  # as configured
+    assert manifest["precision"] == precision and f", {precision}, " in (out / "MODEL_CARD.md").read_text()
     return h
 
 
@@ -151,8 +152,15 @@ def test_micro_batch_times_accumulation_invariance(tmp_path, curated, tiny_model
     assert diff / step < 1e-5  # measured ~4e-8 (float summation order)
 
 
-def test_killed_worker_restarts_from_checkpoint(tmp_path, curated, tiny_model, ray_session):
+def test_killed_worker_restarts_from_checkpoint(tmp_path, curated, tiny_model, ray_session, monkeypatch):
+    """Also: precision auto is decided by the workers' CPUs, not the driver's (here told the
+    opposite of what this machine has)."""
     import psutil
+
+    import jobs.common.llm as llm_mod
+
+    workers = llm_mod.cpu_has_native_bf16()
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda *a: not workers)
 
     out = tmp_path / "student"
     killed: list[int] = []
@@ -172,11 +180,11 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path, curated, tiny_model, r
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    manifest = main(config(curated, out, tiny_model, max_failures=2), log=lambda *_: None)
+    manifest = main(config(curated, out, tiny_model, max_failures=2, precision="auto"), log=lambda *_: None)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert len(manifest["resumed_at_steps"]) == 1 and manifest["resumed_at_steps"][0] >= 3
-    check_run(out, manifest)
+    check_run(out, manifest, precision="bf16" if workers else "fp32")
 
 
 def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, curated, tiny_model, ray_session):

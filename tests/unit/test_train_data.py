@@ -146,24 +146,51 @@ def test_deepspeed_config_is_derived():
 
 
 def test_precision_auto_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
-    """DeepSpeed's bf16 on a CPU without bf16 arithmetic converts every operand; where the CPU has it,
-    bf16 LoRA trained 1.43x as fast as fp32 (docs/benchmarks.md)."""
+    """Decided on the workers (trains_in_bf16 runs in each; without a process group it sees its own
+    CPU alone). DeepSpeed's bf16 on a CPU without bf16 arithmetic converts every operand; where the
+    CPU has it, bf16 LoRA trained 1.43x as fast as fp32 (docs/benchmarks.md)."""
     import jobs.common.llm as llm_mod
-    from jobs.train.main import use_bf16
+    from jobs.train.loop import trains_in_bf16
 
-    def precision(value, **over):
-        return use_bf16(build(TrainConfig, {**BASE, "precision": value, **over}))
+    cpu = torch.device("cpu")
+
+    def precision(value, saved=None, **over):
+        return trains_in_bf16(build(TrainConfig, {**BASE, "precision": value, **over}), saved, cpu)
 
     monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
     assert build(TrainConfig, BASE).precision == "auto"
     assert precision("auto") is False and precision("bf16") is True and precision("fp32") is False
     monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: True)
     assert precision("auto") is True and precision("fp32") is False
-    # GPU workers train in bf16 even when the machine that builds the job has no GPU (a head node)
+    # a resumed auto run keeps its checkpoint's precision, on whatever CPU it restarts
+    assert precision("auto", saved={"precision": "fp32"}) is False
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
+    assert precision("auto", saved={"precision": "bf16"}) is True
+    assert precision("auto", saved={"step": 3}) is False  # a checkpoint written before it was recorded
+    assert precision("fp32", saved={"precision": "bf16"}) is False  # a precision set in the config is kept
+    # GPU workers train in bf16
     gpu = {"scaling": {"use_gpu": True}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
     assert precision("auto", **gpu) is True and precision("bf16", **gpu) is True and precision("fp32", **gpu) is False
+
+
+def test_workers_train_in_bf16_only_if_every_one_has_it(monkeypatch):
+    """The ranks agree: one worker without native bf16 makes the whole run fp32."""
+    import jobs.common.llm as llm_mod
+    import jobs.train.loop as loop
+
+    cfg = build(TrainConfig, BASE)
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: True)
+    seen = []
+
+    def all_reduce(values, device):  # this rank's flag, summed with another rank lacking bf16
+        seen.append(values)
+        return [values[0] + 1.0]
+
+    monkeypatch.setattr(loop, "_all_reduce", all_reduce)
+    assert loop.trains_in_bf16(cfg, None, torch.device("cpu")) is False and seen == [[0.0]]
+    monkeypatch.setattr(loop, "_all_reduce", lambda values, device: values)
+    assert loop.trains_in_bf16(cfg, None, torch.device("cpu")) is True
 
 
 def lrs_of_steps(schedule: str, warmup: int, steps: int, lr: float = 1.0) -> list[float]:
