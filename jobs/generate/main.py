@@ -42,9 +42,9 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     model_path = resolve_model(cfg.teacher, log)
     _check_run_dir(cfg, run_dir, chains_dir)
     done = set() if cfg.overwrite else existing_keys(chains_dir, CHAIN_KEY)
-    missing = sum((p.id, k) not in done for p in problems for k in range(cfg.paths_per_problem))
+    unfinished = any((p.id, k) not in done for p in problems for k in range(cfg.paths_per_problem))
     # the tokenizer, the last and slowest check, loads while Ray starts; a finished run needs neither
-    tokenizer = init_ray_while(cfg.ray, partial(load_tokenizer, model_path), log) if missing else None
+    tokenizer = init_ray_while(cfg.ray, partial(load_tokenizer, model_path), log) if unfinished else None
     _claim_run_dir(cfg, run_dir, chains_dir, log)
 
     # plan: only what the run directory does not hold yet
