@@ -62,7 +62,7 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
     import ray
 
     judge_tok = init_ray_while(cfg.ray, partial(load_tokenizer, judge_path), log=log)
-    chains = ray.data.read_parquet([str(f) for f in files], columns=list(CHAIN_COLUMNS))
+    chains = ray.data.read_parquet([str(f) for f in files]).select_columns(list(CHAIN_COLUMNS))
     partitions = max(1, min(64, len(files) // 8 + 1))
     log(f"curating {chains_dir} ({len(files)} part files)")
 

@@ -111,14 +111,15 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class Tokenize:
-    """map_batches over curated examples -> single-example sequences (Arrow lists). Carries the
-    kind's loss weight; counts truncated examples in `truncated`."""
+    """map_batches over curated examples -> training sequences (Arrow lists): one per example, or
+    with `packing` the batch's examples packed (pack_batch). Carries the kind's loss weight; counts
+    truncated examples in `truncated`. One stage, so one actor, does both."""
 
-    def __init__(self, model_path: str, max_len: int, weights: dict[str, float]):
+    def __init__(self, model_path: str, max_len: int, weights: dict[str, float], packing: bool = False):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.max_len, self.weights = max_len, weights
+        self.max_len, self.weights, self.packing = max_len, weights, packing
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, list] = {k: [] for k in (*SEQ_FIELDS, "truncated")}
@@ -131,18 +132,13 @@ class Tokenize:
             for k in SEQ_FIELDS:
                 out[k].append(seq[k])
             out["truncated"].append(cut)
-        return out
+        return pack_batch(out, self.max_len) if self.packing else out
 
 
-class Pack:
-    """map_batches: single-example sequences -> packed sequences (within each batch); `truncated`
-    becomes the number of truncated examples in each packed sequence."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        bins = pack_bins([len(ids) for ids in batch["input_ids"]], self.max_len)
-        out = {k: [[x for i in b for x in batch[k][i]] for b in bins] for k in SEQ_FIELDS}
-        out["truncated"] = [int(sum(batch["truncated"][i] for i in b)) for b in bins]
-        return out
+def pack_batch(batch: dict[str, Any], max_len: int) -> dict[str, Any]:
+    """Single-example sequences -> packed sequences (within the batch); `truncated` becomes the
+    number of truncated examples in each packed sequence."""
+    bins = pack_bins([len(ids) for ids in batch["input_ids"]], max_len)
+    out = {k: [[x for i in b for x in batch[k][i]] for b in bins] for k in SEQ_FIELDS}
+    out["truncated"] = [int(sum(batch["truncated"][i] for i in b)) for b in bins]
+    return out

@@ -26,7 +26,7 @@ from jobs.common.raycluster import init_ray
 from jobs.common.runs import part_files, write_json
 from jobs.train.accuracy import accuracy_sample
 from jobs.train.config import TrainConfig
-from jobs.train.data import Pack, Tokenize
+from jobs.train.data import Tokenize
 from jobs.train.loop import train_loop
 
 STAGE = "train"
@@ -165,16 +165,16 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
     every epoch and every restart streams the same sequences), its size and truncation count."""
     import ray
 
-    ds = ray.data.read_parquet([str(f) for f in files], columns=["messages", "kind"])
+    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["messages", "kind"])
     ds = ds.random_shuffle(seed=cfg.seed)
-    ds = ds.map_batches(Tokenize, fn_constructor_args=(model_path, cfg.max_seq_len, dict(cfg.weights)),
-                        batch_size=256, compute=ray.data.ActorPoolStrategy(size=1))
-    if cfg.packing:
-        ds = ds.map_batches(Pack, fn_constructor_args=(cfg.max_seq_len,), batch_size=512,
-                            compute=ray.data.ActorPoolStrategy(size=1))
+    # packing works within each batch of 512 examples, so their order (the seeded shuffle) decides it
+    ds = ds.map_batches(Tokenize, fn_constructor_args=(model_path, cfg.max_seq_len, dict(cfg.weights), cfg.packing),
+                        batch_size=512, compute=ray.data.ActorPoolStrategy(size=1))
     ds = ds.materialize()
     n = ds.count()
-    truncated = int(ds.sum("truncated") or 0) if n else 0
+    # a plain projection read back, not an aggregation (which would start a shuffle)
+    truncated = sum(int(b["truncated"].sum()) for b in ds.select_columns(["truncated"]).iter_batches(
+        batch_size=None, batch_format="numpy"))
     return ds.drop_columns(["truncated"]), n, truncated
 
 

@@ -81,6 +81,40 @@ def check_run(out: Path, manifest: dict, accuracy: bool = False, precision: str 
     return h
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_sequences_stage_tokenizes_packs_and_counts_cut_examples(curated, tiny_model, tokenizer, ray_session, packing):
+    """The Ray Data stage the workers stream from: every example becomes training tokens (packed or
+    one sequence each) and the examples cut to max_seq_len are counted."""
+    import pyarrow.parquet as pq
+
+    from jobs.train.data import tokenize_example
+    from jobs.train.main import _sequences, check_data
+
+    train_files, _ = check_data(str(curated))
+    rows = [r for f in train_files for r in pq.read_table(f).to_pylist()]
+
+    def sequences(max_len: int):
+        expected = [tokenize_example(json.loads(r["messages"]), tokenizer, max_len) for r in rows]
+        cfg = config(curated, "-", tiny_model, max_seq_len=max_len, packing=packing)
+        ds, n, truncated = _sequences(cfg, str(tiny_model), train_files)
+        seqs = ds.take_all()
+        assert n == len(seqs) and truncated == sum(cut for _, _, cut in expected)
+        assert sum(len(s["input_ids"]) for s in seqs) == sum(len(ids) for ids, _, _ in expected)
+        assert all(len(s["input_ids"]) <= max_len for s in seqs)
+        # each example starts its positions at 0, packed or not
+        assert sum(list(s["position_ids"]).count(0) for s in seqs) == len(expected)
+        return seqs, truncated
+
+    # the rationale examples take 77-81 tokens: at 79 the longest are cut
+    seqs, truncated = sequences(79)
+    assert 0 < truncated < len(rows)
+    again, _ = sequences(79)  # the seeded order: the same sequences
+    assert [list(s["input_ids"]) for s in again] == [list(s["input_ids"]) for s in seqs]
+    if packing:  # with room for two, examples share sequences
+        roomy, truncated = sequences(200)
+        assert truncated == 0 and len(roomy) < len(rows)
+
+
 def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated, tiny_model, ray_session, capfd):
     out = tmp_path / "student"
     manifest = main(config(curated, out, tiny_model, zero={"stage": 2}, val_accuracy_samples=4,

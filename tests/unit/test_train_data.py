@@ -9,7 +9,8 @@ import torch
 from jobs.common.config import ConfigError, build
 from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
 from jobs.train.attention import register
-from jobs.train.data import (IGNORE, Pack, SEQ_FIELDS, collate, collate_packed, example_sequence, model_inputs, pack,
+from jobs.train.data import (IGNORE, SEQ_FIELDS, collate, collate_packed, example_sequence, model_inputs, pack,
+                             pack_batch,
                              tokenize_example)
 from jobs.train.loss import weighted_loss_sum
 
@@ -61,7 +62,7 @@ def test_pack_stage_packs_a_batch_and_counts_its_truncated_examples():
     items = seqs([5, 9, 3, 7, 2, 6])
     batch = {k: np.array([np.array(s[k]) for s in items], dtype=object) for k in SEQ_FIELDS}
     batch["truncated"] = np.array([True, True, False, False, True, False])
-    out = Pack(12)(batch)
+    out = pack_batch(batch, 12)
     assert [{k: [int(x) if k != "weights" else x for x in out[k][i]] for k in SEQ_FIELDS}
             for i in range(len(out["input_ids"]))] == pack(items, 12)
     assert out["truncated"] == [1, 1, 1]  # 9+3, 7+5, 6+2: one cut example in each
