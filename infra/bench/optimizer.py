@@ -47,13 +47,13 @@ def rows(vocab: int, tokens: int, count: int, seed: int = 0) -> list[dict[str, l
 
 
 def measure(args, folder: str, fused: bool, device) -> dict:
-    import deepspeed
     import torch
 
+    from infra.bench.training_gpu import sync
     from jobs.common.config import build
-    from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
+    from jobs.train.config import TrainConfig, deepspeed_config
     from jobs.train.data import collate_packed
-    from jobs.train.loop import build_model, optimizer_step, trains_in_bf16
+    from jobs.train.loop import build_engine, optimizer_step, trains_in_bf16
 
     cfg = build(TrainConfig, {
         "data": "-", "out_dir": "-", "model": folder, "method": args.method, "precision": args.precision,
@@ -63,27 +63,19 @@ def measure(args, folder: str, fused: bool, device) -> dict:
     ds = deepspeed_config(cfg, args.warmup + args.steps, bf16)
     ds["optimizer"]["params"]["fused"] = fused
     torch.manual_seed(0)
-    model = build_model(cfg, folder, torch.bfloat16 if bf16 else torch.float32)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
-        dist_init_required=False)
-    scheduler.step(FIRST_ITERATION)
+    model, engine, _ = build_engine(cfg, folder, ds)
     engine.train()
     adamw = engine.basic_optimizer
     assert adamw.defaults["fused"] is fused, "DeepSpeed did not pass `fused` to torch's AdamW"
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     spent = []
     inner = adamw.step
 
     def timed_step(*a, **kw):
-        sync()
+        sync(device)
         t = time.perf_counter()
         out = inner(*a, **kw)
-        sync()
+        sync(device)
         spent.append(time.perf_counter() - t)
         return out
 
@@ -94,11 +86,11 @@ def measure(args, folder: str, fused: bool, device) -> dict:
     for i, row in enumerate(data):
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate_packed([row]).items()}
         weight = float(batch["weights"][:, 1:].sum())
-        sync()
+        sync(device)
         t = time.perf_counter()
         loss, total = optimizer_step(engine, [batch], weight, 1, 1, device)
         losses.append(float(loss) / total)
-        sync()
+        sync(device)
         if i >= args.warmup:
             steps.append(time.perf_counter() - t)
             adam.append(spent[-1])
@@ -124,18 +116,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="runs of each optimizer, alternating")
     args = p.parse_args()
 
-    import deepspeed
     import torch
 
-    from infra.bench.training_gpu import model_folder
+    from infra.bench.training_gpu import model_folder, one_rank
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", "29534")})
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    one_rank(cuda, "29534")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(args.model, Path(tmp))

@@ -84,6 +84,15 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def one_rank(cuda: bool, port: str) -> None:
+    """The process group of one rank that DeepSpeed needs, without Ray Train (NCCL or gloo)."""
+    import deepspeed
+
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT", port)})
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+
+
 def model_folder(model: str, tmp: Path) -> str:
     """The model's folder; one with only a config gets random weights (saved once under `tmp`)."""
     import torch
@@ -121,14 +130,13 @@ def sequences(pairs: list[list[int]], vocab: int, cfg, count: int, seed: int = 0
 
 def bench(args, device, method: str, micro_batch: int, loss_chunk: int, folder: str, pairs, vocab: int,
           peak: float | None, matmul: float) -> dict:
-    import deepspeed
     import torch
 
     from jobs.common.config import build
-    from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
+    from jobs.train.config import TrainConfig, deepspeed_config
     from jobs.train.data import IGNORE, collate, collate_packed
     from jobs.train.flops import StepFlops, example_lengths
-    from jobs.train.loop import build_model, optimizer_step
+    from jobs.train.loop import build_engine, optimizer_step
 
     cfg = build(TrainConfig, {
         "data": "-", "out_dir": "-", "model": folder, "method": method, "precision": "bf16",
@@ -141,11 +149,7 @@ def bench(args, device, method: str, micro_batch: int, loss_chunk: int, folder: 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, folder, torch.bfloat16)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, total, bf16=True), dist_init_required=False)
-    scheduler.step(FIRST_ITERATION)
+    model, engine, _ = build_engine(cfg, folder, deepspeed_config(cfg, total, bf16=True))
     engine.train()
     step_flops = StepFlops(model)
     collate_fn = collate_packed if cfg.packing else (lambda s: collate(s, pad_id=0))
@@ -223,9 +227,7 @@ def run(args) -> None:
     if args.profile and not cuda:
         sys.exit("training_gpu.py run: --profile needs a CUDA GPU")
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", "29533")})
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    one_rank(cuda, "29533")
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     peak = peak_flops(name) if cuda else None
     matmul = matmul_rate(device) if cuda else matmul_rate(device, size=1024, repeats=3)

@@ -14,7 +14,6 @@ tokens per second after the first step, as in infra/bench/training.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -12,8 +12,6 @@ padded.
 from __future__ import annotations
 
 import json
-import math
-import os
 import tempfile
 import time
 from functools import partial
@@ -54,6 +52,24 @@ def build_model(cfg, model_path: str, dtype):
         for layer in layers:
             layer.compile(dynamic=True)
     return model
+
+
+def build_engine(cfg, model_path: str, ds_config: dict[str, Any]):
+    """The student (build_model, in the config's precision) under a DeepSpeed engine on `ds_config`
+    (deepspeed_config's), its scheduler moved to the first step's iteration: (model, engine,
+    scheduler). The scheduler starts before iteration 0 (lr 0); see deepspeed_config. A resumed
+    run's load_checkpoint restores its own position."""
+    import deepspeed
+    import torch
+
+    from jobs.train.config import FIRST_ITERATION
+
+    model = build_model(cfg, model_path, torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        dist_init_required=False)
+    scheduler.step(FIRST_ITERATION)
+    return model, engine, scheduler
 
 
 def _sequences(batch: dict[str, Any]) -> list[dict[str, list]]:
@@ -99,8 +115,9 @@ def optimizer_step(engine, batches: list[dict[str, Any]], local_weight: float, w
 
 
 def _saved_state(ckpt) -> dict[str, Any]:
-    with ckpt.as_directory() as d:
-        return json.loads((Path(d) / STATE_FILE).read_text())
+    """The checkpoint's cotd state, read alone (the DeepSpeed state is loaded later)."""
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE_FILE}") as f:
+        return json.loads(f.read())
 
 
 def trains_in_bf16(cfg, saved: dict[str, Any] | None, device) -> bool:
@@ -133,11 +150,10 @@ def _all_reduce(values: list[float], device) -> list[float]:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    import deepspeed
     import ray.train
     import torch
 
-    from jobs.train.config import FIRST_ITERATION, deepspeed_config
+    from jobs.train.config import deepspeed_config
     from jobs.train.data import collate, collate_packed
     from jobs.train.flops import StepFlops, example_lengths, peak_flops
     from jobs.train.loss import loss_sum as batch_loss_sum
@@ -161,14 +177,8 @@ def train_loop(config: dict[str, Any]) -> None:
     def batch_of(sequences: list[dict[str, list]]) -> dict[str, Any]:
         return on_device(collate_fn(sequences))
 
-    model = build_model(cfg, model_path, torch.bfloat16 if bf16 else torch.float32)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, total_steps, bf16), dist_init_required=False)
+    model, engine, scheduler = build_engine(cfg, model_path, deepspeed_config(cfg, total_steps, bf16))
     lora = cfg.method == "lora"
-    # the scheduler starts before iteration 0 (lr 0); move it to the first step's iteration (see
-    # deepspeed_config). A resumed run's load_checkpoint below restores its own position.
-    scheduler.step(FIRST_ITERATION)
 
     step, history, resumes = 0, [], []
     if ckpt:
