@@ -1,6 +1,6 @@
 # The two commands of the README. Each creates .venv and installs what is missing first.
-#   make demo   the main jobs on the embedded default (local Ray, packaged models, reasoning-gym):
-#               generate chains, curate them into a training set, train a LoRA student
+#   make demo   the main job on the embedded default (local Ray, packaged models, reasoning-gym): the
+#               whole pipeline, generate -> curate -> train -> evaluate (cotd run)
 #   make test   the test suite (unit + integration on CPU; GPU tests skip without a GPU)
 PYTHON ?= python3.11
 VENV := .venv
@@ -26,9 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cotd generate --config configs/generate/quickstart.yaml
-	$(VENV)/bin/cotd curate --config configs/curate/quickstart.yaml
-	$(VENV)/bin/cotd train --config configs/train/quickstart.yaml
+	$(VENV)/bin/cotd run configs/pipelines/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest tests

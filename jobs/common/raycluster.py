@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from jobs.common.config import doc
+from jobs.common.progress import emit
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def quiet_local_workers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def init_ray_while(cfg: RayConfig, work: Callable[[], T], log=print) -> T:
+def init_ray_while(cfg: RayConfig, work: Callable[[], T], log=emit) -> T:
     """Start or join Ray (`init_ray`) while `work` runs in a thread; returns what `work` returned
     and raises what it raised. Starting Ray mostly waits on its daemons, so work that imports
     or reads files (loading a tokenizer) costs no time beside it."""
@@ -64,7 +65,7 @@ def init_ray_while(cfg: RayConfig, work: Callable[[], T], log=print) -> T:
         return pending.result()
 
 
-def init_ray(cfg: RayConfig, log=print) -> str:
+def init_ray(cfg: RayConfig, log=emit) -> str:
     """Start or join Ray once per process; returns a one-line description."""
     import ray
 
@@ -100,7 +101,7 @@ def init_ray(cfg: RayConfig, log=print) -> str:
     ctx.enable_get_object_locations_for_metrics = False
     ctx.enable_auto_log_stats = False
     # rows may carry Python objects Arrow has no type for (a vLLM request's output kind, see
-    # jobs.common.llm.FinalOnly); Ray Data pickles those columns, and says so unless told to
+    # jobs.common.offline.FinalOnly); Ray Data pickles those columns, and says so unless told to
     ctx.enable_fallback_to_arrow_object_ext_type = True
     log(f"connected: {where}")
     return where

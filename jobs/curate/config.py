@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from jobs.common.config import doc, to_dict
-from jobs.common.llm import LLMConfig, SamplingConfig
+from jobs.common.engine import ModelConfig, SamplingConfig
 from jobs.common.raycluster import RayConfig
 from jobs.formats.cot import check_granularity
 from jobs.tasks.sources import GymSource, GymTask, Source
@@ -62,7 +62,7 @@ class DiversityConfig:
 @dataclass(frozen=True)
 class JudgeConfig:
     enabled: bool = doc("rate each surviving chain with a judge model", True)
-    model: LLMConfig | None = doc("the judge (same keys as generate's teacher); null: the teacher that wrote the chains, judging itself", None)
+    model: ModelConfig | None = doc("the judge (same keys as generate's teacher); null: the teacher that wrote the chains, judging itself", None)
     sampling: SamplingConfig = doc("judge sampling", SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=160))
     rule: Literal["threshold", "fraction"] = doc("threshold: drop chains rated below min_score; fraction: drop the lowest-rated drop_fraction", "threshold")
     min_score: float = doc("threshold rule: lowest overall rating kept (1-10)", 6.0)
@@ -80,11 +80,25 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class PerturbConfig:
+    kind: Literal["none", "delete_steps", "insert_noise", "corrupt_numbers"] = doc(
+        "damage the teacher's steps before they become targets (structure experiments): drop a fraction of them, "
+        "insert unrelated steps, or replace every number (the answer is kept)", "none")
+    fraction: float = doc("delete_steps: share of steps dropped; insert_noise: noise steps per step", 0.67)
+    seed: int = doc("seed of which steps and numbers are chosen", 0)
+
+    def check(self) -> None:
+        if not 0 <= self.fraction <= 10:
+            raise ValueError(f"fraction must be in [0, 10], got {self.fraction}")
+
+
+@dataclass(frozen=True)
 class ExampleConfig:
     format: Literal["pre", "post", "adaptive"] = doc("pre: rationale then answer; post: answer then rationale; adaptive: post for easy problems", "pre")
     granularity: int | str = doc("student steps: coarse (merge to at most 3, for students under ~3B), fine (keep the teacher's), or a number", "coarse")
     system: str | None = doc("text placed before the format instruction in the student's system message", None)
     self_eval: bool = doc("also emit the judge's readable ratings as examples, so the student learns to evaluate reasoning", True)
+    perturb: PerturbConfig = doc("controlled damage to the steps (experiments)", PerturbConfig())
 
     def check(self) -> None:
         check_granularity(self.granularity)
@@ -127,6 +141,11 @@ class CurateConfig:
     def check(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the curated outputs besides the chains themselves (whose digest the
+        manifest records): every setting but where it runs and where files go."""
+        return {k: v for k, v in to_dict(self).items() if k not in ("chains", "out_dir", "ray")}
 
     def judge_fingerprint(self, judge_model: str | None) -> dict[str, Any]:
         """What makes stored judgements reusable (with the rubric's text): judgements made under

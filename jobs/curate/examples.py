@@ -7,39 +7,17 @@ An example is a chat (`messages`, JSON): the student is trained on the last (ass
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
-import pyarrow as pa
-
+from jobs.common.schemas import GENERAL, RATIONALE, SELF_EVAL
 from jobs.curate.config import ExampleConfig
 from jobs.curate.judge import judge_messages, render_judgement
+from jobs.curate.perturb import perturb
 from jobs.formats.cot import regroup_steps, render_solution, resolve_format, target_steps
 from jobs.formats.prompts import build_messages
-from jobs.tasks.problem import Problem
+from jobs.tasks.problem import Problem, rank_key
 
-RATIONALE, SELF_EVAL, GENERAL = "rationale", "self_eval", "general"
-
-EXAMPLE_SCHEMA = pa.schema([
-    pa.field("example_id", pa.string(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False),        # rationale | self_eval | general
-    pa.field("problem_id", pa.string(), nullable=False),
-    pa.field("path_index", pa.int32()),                   # null for general examples
-    pa.field("category", pa.string()),
-    pa.field("difficulty", pa.string()),
-    pa.field("format", pa.string()),                      # pre | post (rationale), null otherwise
-    pa.field("num_steps", pa.int32()),
-    pa.field("messages", pa.string()),                    # JSON chat; the last message is the target
-    # how an answer to the problem is checked (jobs.tasks.verify.score), for answer accuracy
-    pa.field("gold_answer", pa.string()),
-    pa.field("verifier", pa.string()),
-    pa.field("metadata", pa.string()),
-])
-
-
-def rank_key(seed: int, ident: str) -> str:
-    return hashlib.sha256(f"{seed}|{ident}".encode()).hexdigest()
 
 
 def val_ids(ids: set[str] | list[str], fraction: float, seed: int) -> set[str]:
@@ -58,10 +36,13 @@ def answer_check(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def rationale_example(row: dict[str, Any], cfg: ExampleConfig) -> dict[str, Any]:
-    """A kept chain as the student should write it: steps regrouped to the student's granularity,
-    rendered in the student's format, after the student's (zero-shot) prompt."""
+    """A kept chain as the student should write it: its steps (damaged as `cfg.perturb` says, for
+    experiments) regrouped to the student's granularity, rendered in the student's format, after
+    the student's (zero-shot) prompt."""
     fmt = resolve_format(cfg.format, row["difficulty"] or "default")
-    steps = regroup_steps(list(row["steps"] or []), target_steps(cfg.granularity))
+    p = cfg.perturb
+    teacher_steps = perturb(list(row["steps"] or []), p.kind, p.fraction, p.seed, f"{row['problem_id']}#{row['path_index']}")
+    steps = regroup_steps(teacher_steps, target_steps(cfg.granularity))
     messages = build_messages(row["question"], fmt=cfg.format, difficulty=row["difficulty"] or "default",
                               granularity=cfg.granularity, exemplars=[], system=cfg.system)
     messages.append({"role": "assistant", "content": render_solution(steps, row["answer"], fmt)})

@@ -1,4 +1,4 @@
-"""What curation keeps and why: pure functions over one problem's chain rows (CHAIN_SCHEMA dicts).
+"""What curation keeps and why: pure functions over one problem's chain rows (jobs.common.schemas.CHAIN_SCHEMA dicts).
 
 Each dropped chain gets exactly one reason, the first that applies in REASONS order: structure,
 then correctness, then duplicates (`screen`); then the judge and the per-problem path cap
@@ -7,13 +7,13 @@ then correctness, then duplicates (`screen`); then the judge and the per-problem
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from typing import Any
 
+from jobs.common.schemas import ERROR, OK
 from jobs.curate.config import CorrectnessConfig, JudgeConfig, StructureConfig
 from jobs.formats.parse import first_answer_line, split_steps
+from jobs.tasks.verify import checkable, majority, vote_groups
 
 STRUCTURE_REASONS = ("engine_error", "empty", "garbage", "truncated", "no_answer", "answer_before_reasoning",
                      "too_few_steps", "too_many_steps", "too_short", "too_long", "repetition")
@@ -51,7 +51,7 @@ def answer_before_reasoning(text: str) -> bool:
 def structure_reason(row: dict[str, Any], cfg: StructureConfig) -> str | None:
     """The first structural fault of one chain, or None."""
     text = row.get("chain")
-    if row.get("status") == "error" or text is None:
+    if row.get("status") == ERROR or text is None:
         return "engine_error"
     if not text.strip():
         return "empty"
@@ -77,33 +77,8 @@ def structure_reason(row: dict[str, Any], cfg: StructureConfig) -> str | None:
     return None
 
 
-def normalize_answer(answer: str) -> str:
-    """Answers that mean the same compare equal: case, spacing, a trailing period, thousands
-    separators, and numbers written differently (4, 4.0, 4.00)."""
-    a = " ".join(answer.strip().strip("$").lower().split()).rstrip(".")
-    plain = a.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a) else a
-    try:
-        x = float(plain)
-    except ValueError:
-        return a
-    if math.isfinite(x) and x == int(x):
-        return str(int(x))
-    return repr(x)
-
-
-def majority(answers: list[str]) -> tuple[str | None, float, int]:
-    """(majority answer or None on a tie, its share of the votes, number of votes)."""
-    votes = Counter(normalize_answer(a) for a in answers)
-    if not votes:
-        return None, 0.0, 0
-    (top, n), *rest = votes.most_common()
-    if rest and rest[0][1] == n:
-        return None, n / len(answers), len(answers)
-    return top, n / len(answers), len(answers)
-
-
 def has_gold(row: dict[str, Any]) -> bool:
-    return row.get("gold_answer") is not None and row.get("verifier") not in (None, "none")
+    return checkable(row.get("gold_answer"), row.get("verifier"))
 
 
 def correctness_reasons(rows: list[dict[str, Any]], cfg: CorrectnessConfig) -> list[str | None]:
@@ -111,11 +86,16 @@ def correctness_reasons(rows: list[dict[str, Any]], cfg: CorrectnessConfig) -> l
     if cfg.mode == "off":
         return [None] * len(rows)
     use_gold = cfg.mode in ("auto", "gold")
-    vote_rows = [r for r in rows if not (use_gold and has_gold(r))]
-    top, share, votes = majority([r["answer"] for r in vote_rows])
+    voters = [i for i, r in enumerate(rows) if not (use_gold and has_gold(r))]
+    # a problem's paths share its verifier: equivalent answers (1/2, 0.5, \frac{1}{2}) vote together
+    first = rows[voters[0]] if voters else {}
+    answers = [rows[i]["answer"] for i in voters]
+    groups = vote_groups(answers, first.get("verifier") or "exact", first.get("metadata") or "{}")
+    top, share, votes = majority(groups)
     consensus = top is not None and votes >= cfg.min_votes and share >= cfg.min_agreement
+    group_of = dict(zip(voters, groups))
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         if use_gold and has_gold(r):
             out.append(None if r.get("correct") else "incorrect")
         elif cfg.mode == "gold":
@@ -123,7 +103,7 @@ def correctness_reasons(rows: list[dict[str, Any]], cfg: CorrectnessConfig) -> l
         elif not consensus:
             out.append("no_consensus")
         else:
-            out.append(None if normalize_answer(r["answer"]) == top else "disagrees_with_majority")
+            out.append(None if group_of[i] == top else "disagrees_with_majority")
     return out
 
 
@@ -169,7 +149,7 @@ def screen(rows: list[dict[str, Any]], structure: StructureConfig, correctness: 
 def judged_low(judgements: list[dict[str, Any]], cfg: JudgeConfig) -> set[tuple[str, int]]:
     """Keys of the readable judgements the drop rule removes. `fraction` ranks all of them (lowest
     score first, ties by key) so the count is exact and the choice deterministic."""
-    scored = [j for j in judgements if j["status"] == "ok"]
+    scored = [j for j in judgements if j["status"] == OK]
     if cfg.rule == "threshold":
         return {(j["problem_id"], j["path_index"]) for j in scored if j["score"] < cfg.min_score}
     scored.sort(key=lambda j: (j["score"], j["problem_id"], j["path_index"]))
@@ -186,16 +166,16 @@ def select(rows: list[dict[str, Any]], reasons: list[str | None], judgements: di
             continue
         key = (r["problem_id"], r["path_index"])
         j = judgements.get(key)
-        if j is None or j["status"] == "error":
+        if j is None or j["status"] == ERROR:
             reasons[i] = "judge_error"
-        elif j["status"] != "ok":
+        elif j["status"] != OK:
             reasons[i] = "judge_unparsed" if judge.unparsed == "drop" else None
         elif key in low:
             reasons[i] = "judge_low"
 
     def rank(i: int) -> tuple[float, int]:
         j = (judgements or {}).get((rows[i]["problem_id"], rows[i]["path_index"]))
-        score = j["score"] if j and j["status"] == "ok" else 0.0
+        score = j["score"] if j and j["status"] == OK else 0.0
         return (-score, rows[i]["path_index"])
 
     survivors = sorted((i for i, r in enumerate(reasons) if r is None), key=rank)

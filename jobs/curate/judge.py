@@ -13,11 +13,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.common.llm import engine_output
+from jobs.common.batch import engine_output
+from jobs.common.schemas import ERROR, OK, UNPARSED
 
 CRITERIA = ("structure", "clarity", "confidence")
-JUDGE_KEY = ("problem_id", "path_index", "chain_sha")
-OK, UNPARSED, ERROR = "ok", "unparsed", "error"
 
 # The reply template asks for each rating "over 10" instead of showing the range 1-10: a small
 # judge (Qwen2.5-0.5B, measured) copied the range's first number into its reply as its rating.
@@ -30,22 +29,6 @@ JUDGE_SYSTEM = (
     "Reply with exactly four lines and nothing else:\n"
     "Structure: X/10\nClarity: X/10\nConfidence: X/10\nJustification: <one sentence>")
 
-JUDGEMENT_SCHEMA = pa.schema([
-    pa.field("problem_id", pa.string(), nullable=False),
-    pa.field("path_index", pa.int32(), nullable=False),
-    pa.field("chain_sha", pa.string(), nullable=False),   # the judged text: a changed chain is judged again
-    pa.field("judge_model", pa.string()),
-    pa.field("prompt_messages", pa.string()),
-    pa.field("judge_text", pa.string()),
-    pa.field("structure", pa.float32()),
-    pa.field("clarity", pa.float32()),
-    pa.field("confidence", pa.float32()),
-    pa.field("score", pa.float32()),                      # mean of the three criteria
-    pa.field("justification", pa.string()),
-    pa.field("output_tokens", pa.int32()),
-    pa.field("status", pa.string()),                      # ok | unparsed | error
-    pa.field("error", pa.string()),
-])
 
 _SCORE = {c: re.compile(rf"^[\s*#-]*{c}[\s*]*[:=-][\s*]*(\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.IGNORECASE | re.MULTILINE)
           for c in CRITERIA}
@@ -103,7 +86,8 @@ def finish_judgements(rows: list[dict[str, Any]], max_tokens: int) -> list[dict[
     """Engine outputs -> JUDGEMENT_SCHEMA rows."""
     out = []
     for row in rows:
-        text, _, o_tok, _, _, err = engine_output(row, max_tokens)
+        o = engine_output(row, max_tokens)
+        text, o_tok, err = o.text, o.output_tokens, o.error
         j = {name: row.get(name) for name in ("problem_id", "path_index", "chain_sha", "judge_model", "prompt_messages")}
         j.update(judge_text=text, output_tokens=o_tok, error=err, justification=None, score=None,
                  **{c: None for c in CRITERIA})

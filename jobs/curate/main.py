@@ -26,16 +26,22 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.common.config import ConfigError, to_dict
-from jobs.common.llm import LLMConfig, load_tokenizer, model_path, run_llm
+from jobs.common.config import ConfigError
+from jobs.common.progress import emit
+from jobs.common.batch import run_llm
+from jobs.common.engine import ModelConfig, load_tokenizer, model_path
 from jobs.common.raycluster import init_ray_while
-from jobs.common.runs import PartWriter, clean_partial, part_files, read_dataset, write_json
+from jobs.common.errors import DataError
+from jobs.common.runs import (PartWriter, check_dataset, clean_partial, dataset_digest, part_files, publish, read_dataset,
+                              write_json, write_manifest, write_text)
 from jobs.curate.config import CurateConfig
-from jobs.curate.examples import EXAMPLE_SCHEMA, RATIONALE, general_examples, val_ids
+from jobs.common.schemas import (CURATE_READS, DECISION_SCHEMA, ERROR, EXAMPLE_SCHEMA, JUDGEMENT_SCHEMA, RATIONALE,
+                                 UNPARSED)
+from jobs.curate.examples import general_examples, val_ids
 from jobs.curate.filters import judged_low
-from jobs.curate.judge import (ERROR, JUDGE_SYSTEM, JUDGEMENT_SCHEMA, UNPARSED, chain_sha, finish_judgements, latest,
+from jobs.curate.judge import (JUDGE_SYSTEM, chain_sha, finish_judgements, latest,
                                plan_judge_rows)
-from jobs.curate.pipeline import CHAIN_COLUMNS, decide_group, decision_columns, decision_schema, screen_group
+from jobs.curate.pipeline import decide_group, screen_group
 from jobs.curate.report import format_summary, markdown, plot, summarize
 from jobs.tasks.problem import stable_id
 from jobs.tasks.sources import load_problems
@@ -44,11 +50,7 @@ STAGE = "curate"
 OUTPUTS = ("train", "val", "decisions")
 
 
-class CurateError(ValueError):
-    """Bad curation input (the chains dataset), phrased for the user."""
-
-
-def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
+def main(cfg: CurateConfig, log=emit) -> dict[str, Any]:
     started = time.time()
     out = Path(cfg.out_dir)
 
@@ -62,7 +64,7 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
     import ray
 
     judge_tok = init_ray_while(cfg.ray, partial(load_tokenizer, judge_path), log=log)
-    chains = ray.data.read_parquet([str(f) for f in files]).select_columns(list(CHAIN_COLUMNS))
+    chains = ray.data.read_parquet([str(f) for f in files]).select_columns(list(CURATE_READS))
     partitions = max(1, min(64, len(files) // 8 + 1))
     log(f"curating {chains_dir} ({len(files)} part files)")
 
@@ -80,7 +82,7 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
     for batch in decided.iter_batches(batch_size=4096, batch_format="pyarrow"):
         for r in batch.to_pylist():
             found.extend(json.loads(r[col]) for col in ("example", "self_eval") if r[col])
-            decisions.append({k: r[k] for k in decision_columns()})
+            decisions.append({k: r[k] for k in DECISION_SCHEMA.names})
 
     # split by problem, among the problems that kept a chain (so val is never empty by chance);
     # general data against forgetting is a share of the reasoning examples, split by its own ids
@@ -98,26 +100,23 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
 
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"
     try:
-        PartWriter(staging / "decisions", decision_schema()).write(pa.Table.from_pylist(decisions, schema=decision_schema()))
+        PartWriter(staging / "decisions", DECISION_SCHEMA).write(pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA))
         for split, rows in splits.items():
             PartWriter(staging / split, EXAMPLE_SCHEMA).write(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA))
-        _publish(staging, out)
+        publish(staging, out, OUTPUTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     # report
     summary = summarize(decisions, counts)
     plot(decisions, summary, out / "report.png")
-    (out / ".report.md.tmp").write_text(markdown(summary, "report.png"))
-    (out / ".report.md.tmp").replace(out / "report.md")
-    manifest = {
-        "stage": STAGE, "config": to_dict(cfg), "chains": str(chains_dir), "teacher": teacher,
-        "judge": {"model": judge_llm.model if judge_llm else None, "last_attempt": judge_attempt},
-        "general_examples": {"wanted": wanted, "written": len(mixed)},
-        "summary": summary, "outputs": {name: str(out / name) for name in OUTPUTS},
-        "wall_seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(out / "manifest.json", manifest)
+    write_text(out / "report.md", markdown(summary, "report.png"))
+    manifest = write_manifest(
+        out, STAGE, cfg, cfg.fingerprint(), started, inputs={"chains": dataset_digest(files)},
+        chains=str(chains_dir), teacher=teacher,
+        judge={"model": judge_llm.model if judge_llm else None, "last_attempt": judge_attempt},
+        general_examples={"wanted": wanted, "written": len(mixed)},
+        summary=summary, outputs={name: str(out / name) for name in OUTPUTS})
     log("\n" + format_summary(summary))
     log(f"train: {out / 'train'}\nval: {out / 'val'}\nreport: {out / 'report.md'}")
     return manifest
@@ -125,34 +124,16 @@ def main(cfg: CurateConfig, log=print) -> dict[str, Any]:
 
 def check_chains(path: str, out: Path) -> tuple[Path, list[Path], str | None]:
     """The chains folder (given, or <path>/chains), its part files, and the teacher that wrote them;
-    CurateError when it is missing, empty, unreadable or lacks columns curation needs."""
+    DataError when it is missing, empty, unreadable or lacks columns curation needs."""
     import pyarrow.parquet as pq
 
     folder = Path(path)
     if (folder / "chains").is_dir() and not part_files(folder):
         folder = folder / "chains"
-    if not folder.exists():
-        raise CurateError(f"chains: {path} does not exist (expected generate's <out_dir>/chains folder)")
-    if folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents:
-        raise CurateError(f"out_dir {out} would overwrite the chains in {folder}; choose another out_dir")
-    if not folder.is_dir():
-        raise CurateError(f"chains: {path} is a file; expected generate's <out_dir>/chains folder")
-    files = part_files(folder)
-    if not files:
-        raise CurateError(f"chains: {folder} holds no part-*.parquet files (has `cotd generate` written any?)")
-    needed = set(CHAIN_COLUMNS) | {"teacher_model"}
-    teachers: set[str] = set()
-    for f in files:
-        try:
-            names = set(pq.read_schema(f).names)
-            if needed <= names:
-                teachers.update(t for t in pq.read_table(f, columns=["teacher_model"]).column("teacher_model").to_pylist() if t)
-        except Exception as e:  # pyarrow raises several types for a damaged file
-            raise CurateError(f"chains: {f} is not a readable Parquet file: {e}") from None
-        missing = sorted(needed - names)
-        if missing:
-            raise CurateError(f"chains: {f} lacks column(s) {', '.join(missing)}; is it a cotd chains dataset "
-                              "(docs/schema.md)?")
+    if folder.exists() and (folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents):
+        raise DataError(f"out_dir {out} would overwrite the chains in {folder}; choose another out_dir")
+    files = check_dataset(folder, CURATE_READS, "chains", "cotd generate")
+    teachers = {t for f in files for t in pq.read_table(f, columns=["teacher_model"]).column("teacher_model").to_pylist() if t}
     return folder, files, (sorted(teachers)[0] if len(teachers) == 1 else None)
 
 
@@ -165,7 +146,7 @@ def _judge_llm(cfg: CurateConfig, teacher: str | None):
     if teacher is None:
         raise ConfigError("judge.model is not set and the chains come from several teachers (or name none); "
                           "set judge.model.model to the judge to use")
-    return LLMConfig(model=teacher)
+    return ModelConfig(model=teacher)
 
 
 def _judge(cfg: CurateConfig, chains, partitions: int, llm, model_path, tokenizer, out: Path, log):
@@ -196,15 +177,3 @@ def _judge(cfg: CurateConfig, chains, partitions: int, llm, model_path, tokenize
                           schema=JUDGEMENT_SCHEMA, folder=folder, ray_cfg=cfg.ray, label="judge",
                           write_rows=cfg.judge.write_rows, counts=counts, log=log)
     return latest(read_dataset(folder), shas), attempt
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished outputs into place, each folder replaced by one rename."""
-    for name in OUTPUTS:
-        target = out / name
-        if target.exists():
-            old = out / f".old-{name}-{uuid.uuid4().hex[:6]}"
-            target.rename(old)
-            shutil.rmtree(old)
-        (staging / name).mkdir(parents=True, exist_ok=True)
-        (staging / name).rename(target)

@@ -13,42 +13,15 @@ from typing import Any
 
 import pyarrow as pa
 
+from jobs.common.schemas import DECISION_SCHEMA, OK
 from jobs.curate.config import CurateConfig
 from jobs.curate.examples import rationale_example, self_eval_example
 from jobs.curate.filters import screen, select
 
-# the chain columns curation reads
-CHAIN_COLUMNS = ("problem_id", "path_index", "category", "difficulty", "question", "gold_answer", "verifier",
-                 "metadata", "format", "chain", "finish_reason", "steps", "num_steps", "answer", "correct", "output_tokens",
-                 "status")
-
 CANDIDATE_SCHEMA = pa.schema([("problem_id", pa.string()), ("path_index", pa.int32()), ("question", pa.string()),
                               ("chain", pa.string())])
-
-DECISION_SCHEMA = pa.schema([
-    pa.field("problem_id", pa.string(), nullable=False),
-    pa.field("path_index", pa.int32(), nullable=False),
-    pa.field("category", pa.string()),
-    pa.field("split", pa.string()),            # train | val (set once every problem is decided)
-    pa.field("kept", pa.bool_()),
-    pa.field("reason", pa.string()),           # why it was dropped (null when kept); see filters.REASONS
-    pa.field("num_steps", pa.int32()),
-    pa.field("chars", pa.int32()),
-    pa.field("output_tokens", pa.int32()),
-    pa.field("correct", pa.bool_()),
-    pa.field("judge_score", pa.float32()),
-    pa.field("example", pa.string()),          # the rationale example (JSON) of a kept chain
-    pa.field("self_eval", pa.string()),        # the self-evaluation example (JSON), when the judgement is readable
-])
-
-
-def decision_schema() -> pa.Schema:
-    """The decisions dataset: DECISION_SCHEMA without the examples riding along."""
-    return pa.schema([f for f in DECISION_SCHEMA if f.name not in ("example", "self_eval")])
-
-
-def decision_columns() -> list[str]:
-    return decision_schema().names
+# a decision row with the examples of a kept chain riding along (JSON), split off by the driver
+DECIDED_SCHEMA = DECISION_SCHEMA.append(pa.field("example", pa.string())).append(pa.field("self_eval", pa.string()))
 
 
 def _rows(group: pa.Table) -> list[dict[str, Any]]:
@@ -76,7 +49,7 @@ def decide_group(group: pa.Table, cfg: CurateConfig, judgements: dict | None, lo
     out = []
     for r, reason in zip(rows, reasons):
         j = (judgements or {}).get((r["problem_id"], r["path_index"]))
-        readable = j is not None and j["status"] == "ok"
+        readable = j is not None and j["status"] == OK
         out.append({
             "problem_id": r["problem_id"], "path_index": r["path_index"], "category": r["category"],
             "split": None, "kept": reason is None, "reason": reason,
@@ -85,4 +58,4 @@ def decide_group(group: pa.Table, cfg: CurateConfig, judgements: dict | None, lo
             "example": json.dumps(rationale_example(r, cfg.examples)) if reason is None else None,
             "self_eval": json.dumps(self_eval_example(r, j)) if readable and cfg.examples.self_eval else None,
         })
-    return pa.Table.from_pylist(out, schema=DECISION_SCHEMA)
+    return pa.Table.from_pylist(out, schema=DECIDED_SCHEMA)

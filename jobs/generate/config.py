@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from jobs.common.config import doc, to_dict
-from jobs.common.llm import LLMConfig, SamplingConfig
+from jobs.common.engine import ModelConfig, SamplingConfig
 from jobs.common.raycluster import RayConfig
-from jobs.formats.cot import check_granularity
+from jobs.formats.config import PromptConfig
 from jobs.tasks.sources import Source
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    format: Literal["pre", "post", "adaptive"] = doc("pre: rationale then answer; post: answer then rationale; adaptive: post for easy problems", "pre")
-    granularity: int | str = doc("coarse (at most 3 steps), fine (one operation per step) or a number of steps", "coarse")
-    few_shot: int = doc("exemplars per prompt, drawn deterministically, never the problem itself", 2)
-    exemplars: str | None = doc("JSONL pool of worked exemplars (null: the built-in pool)", None)
-    system: str | None = doc("text placed before the format instruction in the system message", None)
-
-    def check(self) -> None:
-        check_granularity(self.granularity)
-        if self.few_shot < 0:
-            raise ValueError(f"few_shot must be >= 0, got {self.few_shot}")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     out_dir: str = doc("run directory; chains go to <out_dir>/chains, the manifest next to them")
-    teacher: LLMConfig = doc("the teacher model and how it runs")
+    teacher: ModelConfig = doc("the teacher model and how it runs")
     sources: list[Source] = doc("where problems come from (reasoning_gym, jsonl, parquet, hf)")
     paths_per_problem: int = doc("reasoning chains sampled per problem", 4)
     seed: int = doc("seed for exemplar choice and per-chain seeds", 0)

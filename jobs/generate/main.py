@@ -18,21 +18,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from jobs.common.config import ConfigError, to_dict
-from jobs.common.runs import clean_partial, existing_keys, read_dataset, read_json, write_json
+from jobs.common.progress import emit
+from jobs.common.runs import (check_run_dir, claim_run_dir, clean_partial, drop_rows, existing_keys, read_dataset,
+                              write_manifest)
 from jobs.generate.config import GenerateConfig
-from jobs.generate.schema import CHAIN_KEY, CHAIN_SCHEMA, ERROR, UNPARSED
+from jobs.common.schemas import CHAIN_KEY, CHAIN_SCHEMA, ERROR, UNPARSED
 
 STAGE = "generate"
 
 
-def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
+def main(cfg: GenerateConfig, log=emit) -> dict[str, Any]:
     started = time.time()
     run_dir, chains_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "chains"
 
     # validate: every input is read and checked before anything is written, and all but the
     # tokenizer before Ray or a model starts
-    from jobs.common.llm import load_tokenizer, model_path as resolve_model
+    from jobs.common.engine import load_tokenizer, model_path as resolve_model
     from jobs.common.raycluster import init_ray_while
     from jobs.formats.prompts import load_exemplars
     from jobs.tasks.sources import load_problems
@@ -40,17 +41,24 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     problems = load_problems(cfg.sources)
     pool = load_exemplars(cfg.prompt.exemplars)
     model_path = resolve_model(cfg.teacher, log)
-    _check_run_dir(cfg, run_dir, chains_dir)
-    done = set() if cfg.overwrite else existing_keys(chains_dir, CHAIN_KEY)
+    check_run_dir(run_dir, STAGE, cfg.fingerprint(), has_outputs=chains_dir.exists(), overwrite=cfg.overwrite)
+    done = set() if cfg.overwrite else existing_keys(chains_dir, CHAIN_KEY, ERROR)
     unfinished = any((p.id, k) not in done for p in problems for k in range(cfg.paths_per_problem))
     # the tokenizer, the last and slowest check, loads while Ray starts; a finished run needs neither
     tokenizer = init_ray_while(cfg.ray, partial(load_tokenizer, model_path), log) if unfinished else None
-    _claim_run_dir(cfg, run_dir, chains_dir, log)
+    if cfg.overwrite and chains_dir.exists():
+        log(f"overwrite=true: deleting {chains_dir}")
+        shutil.rmtree(chains_dir)
+    claim_run_dir(run_dir, STAGE, cfg.fingerprint())
 
     # plan: only what the run directory does not hold yet
     from jobs.generate.pipeline import plan_rows
 
     removed = clean_partial(chains_dir)
+    # chains that failed (the engine or the server, not the model) are generated again
+    retried = 0 if cfg.overwrite else drop_rows(chains_dir, "status", ERROR)
+    if retried:
+        log(f"{retried} chains that failed in an earlier run (status {ERROR!r}) are generated again")
     rows = plan_rows(problems, cfg, pool, tokenizer, skip=done)
     total = len(problems) * cfg.paths_per_problem
     log(f"{len(problems)} problems x {cfg.paths_per_problem} paths = {total} chains; "
@@ -66,17 +74,13 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     from jobs.generate.report import format_table, summarize
 
     summary = summarize(read_dataset(chains_dir))
-    manifest = {
-        "stage": STAGE, "config": to_dict(cfg), "fingerprint": cfg.fingerprint(),
-        "teacher": {"model": cfg.teacher.model, "path": model_path, "backend": cfg.teacher.backend},
-        "dataset": str(chains_dir), "summary": summary,
-        "last_attempt": {**attempt, "resumed_from": len(done),
-                         "tokens_per_s": round(attempt["output_tokens"] / attempt["seconds"], 2) if attempt["seconds"] else None,
-                         "chains_per_s": round(attempt["rows"] / attempt["seconds"], 3) if attempt["seconds"] else None},
-        "wall_seconds": round(time.time() - started, 2),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(run_dir / "manifest.json", manifest)
+    manifest = write_manifest(
+        run_dir, STAGE, cfg, cfg.fingerprint(), started,
+        teacher={"model": cfg.teacher.model, "path": model_path, "backend": cfg.teacher.backend},
+        dataset=str(chains_dir), outputs={"chains": str(chains_dir)}, summary=summary,
+        last_attempt={**attempt, "resumed_from": len(done),
+                      "tokens_per_s": round(attempt["output_tokens"] / attempt["seconds"], 2) if attempt["seconds"] else None,
+                      "chains_per_s": round(attempt["rows"] / attempt["seconds"], 3) if attempt["seconds"] else None})
     log("\n" + format_table(summary))
     if attempt["seconds"]:
         log(f"this run: {attempt['rows']} chains, {attempt['output_tokens']} output tokens in {attempt['seconds']:.1f}s "
@@ -85,28 +89,8 @@ def main(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     return manifest
 
 
-def _check_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path) -> None:
-    """Refuse to mix chains made under another teacher, prompt or sampling setup into one dataset."""
-    marker = run_dir / "run.json"
-    if not cfg.overwrite and marker.is_file() and chains_dir.exists():
-        before = read_json(marker).get("fingerprint")
-        if before != cfg.fingerprint():
-            diff = sorted(k for k in cfg.fingerprint() if (before or {}).get(k) != cfg.fingerprint()[k])
-            raise ConfigError(
-                f"{run_dir} holds chains made with a different {', '.join(diff)}; resuming would mix them. "
-                "Use another out_dir, or overwrite=true to start over.")
-
-
-def _claim_run_dir(cfg: GenerateConfig, run_dir: Path, chains_dir: Path, log) -> None:
-    """Mark the run directory as this setup's (after `_check_run_dir`), emptied first on overwrite."""
-    if cfg.overwrite and chains_dir.exists():
-        log(f"overwrite=true: deleting {chains_dir}")
-        shutil.rmtree(chains_dir)
-    write_json(run_dir / "run.json", {"stage": STAGE, "fingerprint": cfg.fingerprint()})
-
-
 def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], chains_dir: Path, log) -> dict[str, Any]:
-    from jobs.common.llm import run_llm
+    from jobs.common.batch import run_llm
     from jobs.generate.pipeline import finish_rows
     from jobs.tasks.verify import warm
 

@@ -1,5 +1,5 @@
 """The generate stage's logic: plan one request row per (problem, path), and turn the teacher's
-outputs into graded chain rows. Plain functions, tested without Ray; jobs.common.llm runs them.
+outputs into graded chain rows. Plain functions, tested without Ray; jobs.common.batch runs them.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 from jobs.formats.parse import parse_chain
 from jobs.formats.prompts import Exemplar, apply_chat_template, build_messages, select_exemplars
 from jobs.formats.cot import resolve_format
-from jobs.common.llm import engine_output
+from jobs.common.batch import engine_output
 from jobs.generate.config import GenerateConfig
-from jobs.generate.schema import CHAIN_SCHEMA, ERROR, OK, UNPARSED
+from jobs.common.schemas import CHAIN_SCHEMA, ERROR, OK, UNPARSED
 from jobs.tasks.problem import Problem
 from jobs.tasks.verify import CORRECT_AT, score
 
@@ -55,15 +55,15 @@ def finish_rows(rows: list[dict[str, Any]], max_tokens: int) -> list[dict[str, A
     """Engine outputs -> chain rows of CHAIN_SCHEMA: parsed, graded, with status and error."""
     out = []
     for row in rows:
-        text, p_tok, o_tok, secs, finish, err = engine_output(row, max_tokens)
+        o = engine_output(row, max_tokens)
         chain = {name: row.get(name) for name in CHAIN_SCHEMA.names}
-        chain.update(chain=text, prompt_tokens=p_tok, output_tokens=o_tok, gen_seconds=secs,
-                     finish_reason=finish, error=err, steps=[], num_steps=0, answer=None,
+        chain.update(chain=o.text, prompt_tokens=o.prompt_tokens, output_tokens=o.output_tokens, gen_seconds=o.seconds,
+                     finish_reason=o.finish_reason, error=o.error, steps=[], num_steps=0, answer=None,
                      answer_source="none", score=None, correct=None)
-        if text is None:
+        if o.text is None:
             chain["status"] = ERROR
         else:
-            parsed = parse_chain(text, row["format"])
+            parsed = parse_chain(o.text, row["format"])
             s = score(row["verifier"], row["gold_answer"], row["metadata"], parsed.answer)
             chain.update(steps=parsed.steps, num_steps=len(parsed.steps), answer=parsed.answer,
                          answer_source=parsed.answer_source, score=s,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.generate.schema import CHAIN_KEY, ERROR, OK, UNPARSED
+from jobs.common.schemas import CHAIN_KEY, ERROR, OK, UNPARSED
 
 
 def summarize(table: pa.Table) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from typing import Any
 #   "rg:<task>"  reasoning-gym's own score_answer for that task (needs `metadata`, the gym entry)
 #   "math"       math-verify equivalence against `answer`
 #   "exact"      normalized string equality against `answer`
-#   "none"       no gold answer; correctness is left to self-consistency (curation)
+#   "none"       answers are not checked; a problem without a gold answer keeps its source's
+#                verifier, by which its paths' answers are compared in self-consistency votes
 VERIFIERS = ("math", "exact", "none")
 
 
@@ -31,3 +32,8 @@ def stable_id(*parts: Any) -> str:
     """A short id that depends only on `parts` (so a re-run gives every problem the same id)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rank_key(seed: int, ident: str) -> str:
+    """A seeded, reproducible sort key: sorting ids by it draws a deterministic sample."""
+    return hashlib.sha256(f"{seed}|{ident}".encode()).hexdigest()

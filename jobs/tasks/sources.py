@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
 from jobs.common.config import doc
+from jobs.common.errors import CotdError
 from jobs.tasks.problem import VERIFIERS, Problem, stable_id
 
 # reasoning-gym task -> cotd reasoning category. Tasks not listed fall back to the name of the
@@ -91,7 +92,7 @@ class HFSource:
 Source = Union[GymSource, FileSource, HFSource]
 
 
-class SourceError(ValueError):
+class SourceError(CotdError):
     """Bad problem input, phrased for the user (file, line, field)."""
 
 
@@ -218,7 +219,7 @@ def _map_records(records: Iterable[tuple[str, dict]], src: FileSource | HFSource
             category=str(_field(rec, fm.category, where, "category")) if fm.category else src.category,
             difficulty=str(_field(rec, fm.difficulty, where, "difficulty")) if fm.difficulty else "default",
             source=source,
-            verifier=src.verifier if answer is not None else "none",
+            verifier=src.verifier,  # kept without a gold answer too: votes compare answers by it
             metadata=json.dumps(extra, default=str),
         ))
     if not out:

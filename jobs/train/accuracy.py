@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.curate.examples import RATIONALE, rank_key
+from jobs.common.schemas import ACCURACY_READS, RATIONALE
 from jobs.formats.parse import extract_answer
-from jobs.tasks.verify import CORRECT_AT, score
+from jobs.tasks.problem import rank_key
+from jobs.tasks.verify import checkable, is_correct as answer_is_correct
 
-CHECK_COLUMNS = ("kind", "problem_id", "messages", "format", "gold_answer", "verifier", "metadata")
 BATCH = 8  # prompts per generate call
 
 
@@ -29,14 +29,14 @@ def accuracy_sample(files: list[Path], n: int, seed: int, tokenizer) -> list[dic
     rows: list[dict[str, Any]] = []
     for f in files:
         names = set(pq.read_schema(f).names)
-        missing = [c for c in CHECK_COLUMNS if c not in names]
+        missing = [c for c in ACCURACY_READS if c not in names]
         if missing:
             raise ValueError(f"val_accuracy_samples: {f} lacks column(s) {', '.join(missing)} (curated by an older "
                              "cotd?); run `cotd curate` again, or set val_accuracy_samples: 0")
-        rows += pq.read_table(f, columns=list(CHECK_COLUMNS)).to_pylist()
+        rows += pq.read_table(f, columns=list(ACCURACY_READS)).to_pylist()
     first: dict[str, dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: (r["problem_id"], r["messages"])):  # one per problem, whatever the part order
-        if r["kind"] == RATIONALE and r["verifier"] not in (None, "none"):
+        if r["kind"] == RATIONALE and checkable(r["gold_answer"], r["verifier"]):
             first.setdefault(r["problem_id"], r)
     if not first:
         raise ValueError("val_accuracy_samples: no validation example has an answer to check against "
@@ -52,8 +52,7 @@ def accuracy_sample(files: list[Path], n: int, seed: int, tokenizer) -> list[dic
 def is_correct(item: dict[str, Any], text: str) -> bool:
     """Whether the student's output `text` answers `item` (from accuracy_sample) correctly."""
     answer, _ = extract_answer(text, item["format"])
-    s = score(item["verifier"], item["gold_answer"], item["metadata"], answer)
-    return s is not None and s >= CORRECT_AT
+    return bool(answer_is_correct(item["verifier"], item["gold_answer"], item["metadata"], answer))
 
 
 def answer_accuracy(model, sample: list[dict[str, Any]], rank: int, world: int, tokenizer, max_tokens: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jobs.common.config import doc
+from jobs.common.config import doc, to_dict
 from jobs.common.raycluster import RayConfig
 
 
@@ -42,7 +42,7 @@ class ZeroConfig:
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class WorkersConfig:
     num_workers: int = doc("Ray Train workers (one per GPU on GPU clusters)", 2)
     use_gpu: bool = doc("train on GPUs (NCCL); false: CPU workers (gloo)", False)
     cpus_per_worker: int = doc("CPUs reserved per worker", 1)
@@ -94,7 +94,8 @@ class TrainConfig:
     keep_checkpoints: int = doc("checkpoints Ray Train keeps", 2)
     max_failures: int = doc("worker failures survived by restarting from the latest checkpoint", 2)
     seed: int = doc("seed of data order and initialization", 0)
-    scaling: ScalingConfig = doc("workers and devices", ScalingConfig())
+    overwrite: bool = doc("delete the checkpoints in out_dir and train from the start instead of resuming", False)
+    scaling: WorkersConfig = doc("workers and devices", WorkersConfig())
     ray: RayConfig = doc("where to run", RayConfig())
 
     def check(self) -> None:
@@ -123,6 +124,14 @@ class TrainConfig:
         if self.zero.offload_params and self.method == "lora":
             raise ValueError("zero.offload_params with method lora: the frozen base weights gain nothing "
                              "from ZeRO-3 parameter offload here; use method: full or turn it off")
+
+    # settings a resumed run may change: where and how often it reports, not what it trains
+    RESUMABLE = ("data", "out_dir", "ray", "overwrite", "max_failures", "keep_checkpoints", "save_every", "eval_every",
+                 "val_accuracy_samples", "val_accuracy_max_tokens")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint was trained under: resuming it under anything else is refused."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.RESUMABLE}
 
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.scaling.num_workers
@@ -168,7 +177,7 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, bf16: bool) -> dict[str
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         # torch's AdamW (no compiled DeepSpeed ops needed), fused: one pass over each flat fp32 state
-        # buffer instead of one per arithmetic operation (9-12x faster AdamW steps on CPU; docs/benchmarks.md)
+        # buffer instead of one per arithmetic operation (docs/benchmarks.md)
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True,
                                                   "fused": True}},

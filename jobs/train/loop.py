@@ -11,9 +11,11 @@ padded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -124,10 +126,9 @@ def trains_in_bf16(cfg, saved: dict[str, Any] | None, device) -> bool:
     """Whether the run trains in bf16, decided on the workers, since the machine that builds the
     job may have another CPU than theirs, or no GPU: `precision`, where auto is bf16 on GPUs and,
     on CPUs, bf16 only if every worker's CPU has native bf16 arithmetic (without it DeepSpeed's
-    bf16 converts every operand and is slower than fp32; with it, bf16 LoRA trained 1.43x as fast
-    on a 2-core CPU, docs/benchmarks.md). A resumed auto run keeps the precision its checkpoint
+    bf16 converts every operand and is slower than fp32; with it bf16 is faster, docs/benchmarks.md). A resumed auto run keeps the precision its checkpoint
     was saved in (its optimizer state is kept in that form), wherever it restarts."""
-    from jobs.common.llm import bf16_by_default
+    from jobs.common.engine import bf16_by_default
 
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
@@ -149,135 +150,185 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    import torch
+@dataclass
+class RunState:
+    """What a run carries from step to step; a checkpoint saves it (STATE_FILE) beside DeepSpeed's."""
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one METRIC_FIELDS record per step
+    resumes: list[int] = field(default_factory=list)             # the steps the run was resumed at
+    precision: str = "fp32"
 
-    from jobs.train.config import deepspeed_config
-    from jobs.train.data import collate, collate_packed
-    from jobs.train.flops import StepFlops, example_lengths, peak_flops
-    from jobs.train.loss import loss_sum as batch_loss_sum
+    @classmethod
+    def resumed(cls, saved: dict[str, Any]) -> "RunState":
+        return cls(step=saved["step"], history=saved["history"], resumes=saved["resumes"] + [saved["step"]],
+                   precision=saved["precision"])
 
-    cfg, model_path = config["cfg"], config["model_path"]
-    total_steps, steps_per_epoch, pad_id = config["total_steps"], config["steps_per_epoch"], config["pad_id"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    if cfg.scaling.use_gpu:
-        torch.cuda.set_device(device)
-    ckpt = ray.train.get_checkpoint()
-    saved = _saved_state(ckpt) if ckpt else None
-    bf16 = trains_in_bf16(cfg, saved, device)
-    torch.manual_seed(cfg.seed)
-    collate_fn = collate_packed if cfg.packing else partial(collate, pad_id=pad_id)
 
-    def on_device(batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+class Worker:
+    """One Ray Train worker's run: `setup`, then `train_step` per optimizer step, `validate` and
+    `save` when they are due (`run`)."""
 
-    def batch_of(sequences: list[dict[str, list]]) -> dict[str, Any]:
-        return on_device(collate_fn(sequences))
+    def __init__(self, config: dict[str, Any]):
+        self.cfg, self.model_path = config["cfg"], config["model_path"]
+        self.total_steps, self.steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
+        self.pad_id, self.has_val = config["pad_id"], config["has_val"]
+        self.sample = config.get("accuracy_sample") or []
 
-    model, engine, scheduler = build_engine(cfg, model_path, deepspeed_config(cfg, total_steps, bf16))
-    lora = cfg.method == "lora"
+    # --- set-up: device, precision, the engine (restored from a checkpoint), data shards ---------
+    def setup(self) -> None:
+        import ray.train
+        import torch
 
-    step, history, resumes = 0, [], []
-    if ckpt:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=TAG, load_module_strict=not lora)
-        step, history, resumes = saved["step"], saved["history"], saved["resumes"] + [saved["step"]]
+        from jobs.train.config import deepspeed_config
+        from jobs.train.data import collate, collate_packed
+        from jobs.train.flops import StepFlops, peak_flops
 
-    step_flops = StepFlops(model)
-    peak = peak_flops(torch.cuda.get_device_name(device)) if cfg.scaling.use_gpu else None
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+        cfg = self.cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+        if cfg.scaling.use_gpu:
+            torch.cuda.set_device(self.device)
+        ckpt = ray.train.get_checkpoint()
+        saved = _saved_state(ckpt) if ckpt else None
+        bf16 = trains_in_bf16(cfg, saved, self.device)
+        torch.manual_seed(cfg.seed)
+        self.collate = collate_packed if cfg.packing else partial(collate, pad_id=self.pad_id)
+        self.model, self.engine, self.scheduler = build_engine(cfg, self.model_path,
+                                                               deepspeed_config(cfg, self.total_steps, bf16))
+        self.state = RunState(precision="bf16" if bf16 else "fp32")
+        if ckpt:
+            with ckpt.as_directory() as d:
+                self.engine.load_checkpoint(d, tag=TAG, load_module_strict=cfg.method != "lora")
+            self.state = RunState.resumed(saved)
+        self.step_flops = StepFlops(self.model)
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if cfg.scaling.use_gpu else None
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val") if self.has_val else None
+        if self.sample:
+            from transformers import AutoTokenizer
 
-    def evaluate() -> float | None:
-        if val_shard is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.engine.train()
+
+    def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    # --- one optimizer step over a window of grad_accum micro-batches ---------------------------
+    def train_step(self, window: list[list[dict[str, list]]], epoch: int, t0: float) -> dict[str, Any]:
+        from jobs.train.flops import example_lengths
+
+        cfg = self.cfg
+        cpu_batches = [self.collate(mb) for mb in window]
+        local_weight = sum(float(b["weights"][:, 1:].sum()) for b in cpu_batches)
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in cpu_batches)
+        seq_tokens = sum(len(s["input_ids"]) for mb in window for s in mb)  # real tokens, no padding
+        flops = self.step_flops((n for mb in window for s in mb for n in example_lengths(s["position_ids"])), local_tokens)
+        loss_sum, total_weight = optimizer_step(self.engine, [self.on_device(b) for b in cpu_batches], local_weight,
+                                                self.world, cfg.grad_accum, self.device, cfg.loss_chunk_tokens)
+        self.state.step += 1
+        loss_sum, tokens, seq_tokens_all, flops_all = _all_reduce([float(loss_sum), local_tokens, seq_tokens, flops],
+                                                                  self.device)
+        seconds = time.perf_counter() - t0
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {"step": self.state.step, "epoch": epoch, "loss": loss_sum / max(total_weight, 1e-9),
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.lr,
+                   "tokens": int(seq_tokens_all), "tokens_per_s": seq_tokens_all / seconds,
+                   "label_tokens": int(tokens), "time": time.time()}
+        if self.peak:
+            metrics["mfu"] = flops_all / seconds / (self.peak * self.world)
+        return metrics
+
+    # --- validation: loss on the val split, answer accuracy on the sample -----------------------
+    def validate(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"val_loss": self.val_loss()}
+        if self.sample:
+            out["val_accuracy"] = self.accuracy()
+        return out
+
+    def val_loss(self) -> float | None:
+        import torch
+
+        from jobs.train.loss import loss_sum as batch_loss_sum
+
+        if self.val_shard is None:
             return None
-        engine.eval()
+        self.engine.eval()
         loss_sum = weight = 0.0
         with torch.no_grad():
-            for batch in val_shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy"):
-                b = batch_of(_sequences(batch))
-                loss_sum += batch_loss_sum(engine, b, cfg.loss_chunk_tokens).item()
+            for batch in self.val_shard.iter_batches(batch_size=self.cfg.micro_batch_size, batch_format="numpy"):
+                b = self.on_device(self.collate(_sequences(batch)))
+                loss_sum += batch_loss_sum(self.engine, b, self.cfg.loss_chunk_tokens).item()
                 weight += b["weights"][:, 1:].sum().item()
-        engine.train()
-        loss_sum, weight = _all_reduce([loss_sum, weight], device)
+        self.engine.train()
+        loss_sum, weight = _all_reduce([loss_sum, weight], self.device)
         return loss_sum / weight if weight else None
 
-    sample = config.get("accuracy_sample") or []
-    if sample:
-        from transformers import AutoTokenizer
-
+    def accuracy(self) -> float:
         from jobs.train.accuracy import answer_accuracy
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-
-    def accuracy() -> float:
-        engine.eval()
-        correct, answered = answer_accuracy(engine.module, sample, rank, world, tokenizer, cfg.val_accuracy_max_tokens,
-                                            device, synced=cfg.zero.stage == 3)
-        engine.train()
-        correct, answered = _all_reduce([correct, answered], device)
+        self.engine.eval()
+        correct, answered = answer_accuracy(self.engine.module, self.sample, self.rank, self.world, self.tokenizer,
+                                            self.cfg.val_accuracy_max_tokens, self.device,
+                                            synced=self.cfg.zero.stage == 3)
+        self.engine.train()
+        correct, answered = _all_reduce([correct, answered], self.device)
         return correct / answered
 
-    def save(metrics: dict[str, Any], final: bool) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=TAG, exclude_frozen_parameters=lora)
-            if final:
-                _export(engine, model, cfg, Path(d) / EXPORT_DIR, rank)
-            if rank == 0:
-                (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "resumes": resumes,
-                                                              "precision": "bf16" if bf16 else "fp32"}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"step-{step:06d}{'-final' if final else ''}")
+    # --- save: every rank's DeepSpeed state, the run state, the export at the end ----------------
+    def save(self, metrics: dict[str, Any], final: bool) -> None:
+        import ray.train
 
-    engine.train()
-    if step >= total_steps:  # restored from the last checkpoint of a finished run: export again
-        save(history[-1], final=True)
-        return
-    start_epoch = step // steps_per_epoch
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
-            break
-        skip = step - epoch * steps_per_epoch
-        t0 = time.perf_counter()  # a step's time includes waiting for its data, not evaluation or saving
-        for window in _windows(train_shard, cfg, epoch, skip):
-            cpu_batches = [collate_fn(mb) for mb in window]
-            local_weight = sum(float(b["weights"][:, 1:].sum()) for b in cpu_batches)
-            local_tokens = sum(int((b["labels"] != -100).sum()) for b in cpu_batches)
-            seq_tokens = sum(len(s["input_ids"]) for mb in window for s in mb)  # real tokens, no padding
-            flops = step_flops((n for mb in window for s in mb for n in example_lengths(s["position_ids"])), local_tokens)
-            loss_sum, total_weight = optimizer_step(engine, [on_device(b) for b in cpu_batches], local_weight, world,
-                                                    cfg.grad_accum, device, cfg.loss_chunk_tokens)
-            step += 1
-            loss_sum, tokens, seq_tokens_all, flops_all = _all_reduce([float(loss_sum), local_tokens, seq_tokens, flops],
-                                                                      device)
-            seconds = time.perf_counter() - t0
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {"step": step, "epoch": epoch, "loss": loss_sum / max(total_weight, 1e-9),
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
-                       "tokens": int(seq_tokens_all), "tokens_per_s": seq_tokens_all / seconds,
-                       "label_tokens": int(tokens), "time": time.time()}
-            if peak:
-                metrics["mfu"] = flops_all / seconds / (peak * world)
-            last = step >= total_steps
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                metrics["val_loss"] = evaluate()
-                if sample:
-                    metrics["val_accuracy"] = accuracy()
-            history.append(metrics)
-            if last or (cfg.save_every and step % cfg.save_every == 0):
-                save(metrics, final=last)
-            else:
-                ray.train.report(metrics)
-            if last:
-                return
-            t0 = time.perf_counter()
-    if step < total_steps or not metrics:
-        raise RuntimeError(f"the data ran out at step {step} of {total_steps}")
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag=TAG, exclude_frozen_parameters=self.cfg.method == "lora")
+            if final:
+                _export(self.engine, self.model, self.cfg, Path(d) / EXPORT_DIR, self.rank)
+            if self.rank == 0:
+                (Path(d) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"step-{self.state.step:06d}{'-final' if final else ''}")
+
+    # --- the run ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray.train
+
+        from jobs.common.progress import Progress
+
+        cfg, state = self.cfg, self.state
+        if state.step >= self.total_steps:  # restored from the last checkpoint of a finished run: export again
+            self.save(state.history[-1], final=True)
+            return
+        # rank 0 reports progress: a line every few seconds, which Ray shows on the driver
+        progress = Progress(self.total_steps, "train", unit="steps", done=state.step) if self.rank == 0 else None
+        with progress or contextlib.nullcontext():
+            for epoch in range(state.step // self.steps_per_epoch, cfg.epochs):
+                skip = state.step - epoch * self.steps_per_epoch
+                t0 = time.perf_counter()  # a step's time includes waiting for its data, not evaluation or saving
+                for window in _windows(self.train_shard, cfg, epoch, skip):
+                    metrics = self.train_step(window, epoch, t0)
+                    last = state.step >= self.total_steps
+                    if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
+                        metrics.update(self.validate())
+                    state.history.append(metrics)
+                    if progress:
+                        progress.update(1, tokens=metrics["tokens"], note=f"loss {metrics['loss']:.4f}" + (
+                            f", val loss {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else ""))
+                    if last or (cfg.save_every and state.step % cfg.save_every == 0):
+                        self.save(metrics, final=last)
+                    else:
+                        ray.train.report(metrics)
+                    if last:
+                        return
+                    t0 = time.perf_counter()
+        raise RuntimeError(f"the data ran out at step {state.step} of {self.total_steps}")
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's training function: one worker's whole run."""
+    worker = Worker(config)
+    worker.setup()
+    worker.run()
 
 
 def _export(engine, model, cfg, folder: Path, rank: int) -> None:

@@ -20,28 +20,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common.config import ConfigError, to_dict
+from jobs.common.config import ConfigError
+from jobs.common.errors import DataError
+from jobs.common.progress import emit
 from jobs.common.models import resolve
 from jobs.common.raycluster import init_ray
-from jobs.common.runs import part_files, write_json
+from jobs.common.runs import (MANIFEST, check_dataset, check_run_dir, claim_run_dir, dataset_digest, part_files, publish,
+                              read_json, write_lines, write_manifest, write_text)
+from jobs.common.schemas import TRAIN_READS
 from jobs.train.accuracy import accuracy_sample
 from jobs.train.config import TrainConfig
 from jobs.train.data import Tokenize
-from jobs.train.loop import train_loop
+from jobs.train.loop import EXPORT_DIR, STATE_FILE, train_loop
 
 STAGE = "train"
 
 
-class TrainError(ValueError):
-    """Bad training input (the curated data or the student), phrased for the user."""
-
-
-def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
+def main(cfg: TrainConfig, log=emit) -> dict[str, Any]:
     started = time.time()
     out = Path(cfg.out_dir).resolve()
 
-    # validate: data, model and LoRA targets, before Ray or a worker starts
+    # validate: data, model, LoRA targets and the run directory, before Ray or a worker starts
     train_files, val_files = check_data(cfg.data)
+    fingerprint = {**cfg.fingerprint(), "data": dataset_digest(train_files + val_files)}
+    checkpoints = out / "checkpoints"
+    check_run_dir(out, STAGE, fingerprint, has_outputs=checkpoints.exists(), overwrite=cfg.overwrite)
     model_path = str(resolve(cfg.model, log=log))
     check_model(cfg, model_path)
     from transformers import AutoTokenizer
@@ -56,7 +59,11 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
         try:
             sample = accuracy_sample(val_files, cfg.val_accuracy_samples, cfg.seed, tokenizer)
         except ValueError as e:
-            raise TrainError(str(e)) from None
+            raise DataError(str(e)) from None
+    if cfg.overwrite and checkpoints.exists():
+        log(f"overwrite=true: deleting {checkpoints}")
+        shutil.rmtree(checkpoints)
+    claim_run_dir(out, STAGE, fingerprint)
 
     # data: tokenized and packed on Ray Data, then streamed to the workers
     init_ray(cfg.ray, log=log)
@@ -65,9 +72,9 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
     per_step = cfg.global_batch()
     steps_per_epoch = n_train // per_step
     if steps_per_epoch == 0:
-        raise TrainError(f"data: {n_train} training sequences do not fill one step of {per_step} "
-                         f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x "
-                         f"{cfg.scaling.num_workers} workers); lower them or add data")
+        raise DataError(f"data: {n_train} training sequences do not fill one step of {per_step} "
+                        f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x "
+                        f"{cfg.scaling.num_workers} workers); lower them or add data")
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     log(f"{n_train} training sequences ({'packed' if cfg.packing else 'one example each'}, "
         f"{truncated} examples cut to {cfg.max_seq_len} tokens), {n_val} validation; "
@@ -80,20 +87,18 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     # export and summarize
     with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "cotd_state.json").read_text())
-        _publish_export(cfg, model_path, Path(d) / "export", out, log)
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        _publish_export(cfg, model_path, Path(d) / EXPORT_DIR, out, log)
     history = state["history"]
-    _write_lines(out / "metrics.jsonl", history)
+    write_lines(out / "metrics.jsonl", history)
     final = history[-1]
-    manifest = {
-        "stage": STAGE, "config": to_dict(cfg), "model_path": model_path, "steps": final["step"],
-        "resumed_at_steps": state["resumes"], "precision": state["precision"],
-        "final": final, "first_loss": history[0]["loss"], "sequences": {"train": n_train, "val": n_val, "truncated": truncated},
-        "checkpoint": result.checkpoint.path, "outputs": _outputs(cfg, out),
-        "wall_seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(out / "manifest.json", manifest)
-    _model_card(cfg, manifest, out)
+    manifest = write_manifest(
+        out, STAGE, cfg, fingerprint, started, inputs={"data": fingerprint["data"]},
+        model=cfg.model, model_path=model_path, student_prompt=student_prompt(cfg.data), method=cfg.method,
+        steps=final["step"], resumed_at_steps=state["resumes"], precision=state["precision"], final=final,
+        first_loss=history[0]["loss"], sequences={"train": n_train, "val": n_val, "truncated": truncated},
+        checkpoint=result.checkpoint.path, outputs=_outputs(cfg, out))
+    write_text(out / "MODEL_CARD.md", model_card(cfg, manifest, out.name))
     log(f"trained {final['step']} steps in {state['precision']}: loss {history[0]['loss']:.4f} -> {final['loss']:.4f}"
         + (f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else "")
         + (f", val answer accuracy {final['val_accuracy']:.3f} on {len(sample)} problems"
@@ -104,27 +109,29 @@ def main(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
 
 def check_data(path: str) -> tuple[list[Path], list[Path]]:
-    """The train (required) and val (optional) part files of a curated dataset."""
+    """The train (required) and val (optional) part files of a curated dataset, empty parts left out."""
     import pyarrow.parquet as pq
 
     root = Path(path)
     if not root.is_dir():
-        raise TrainError(f"data: {path} does not exist (expected curate's out_dir, holding train/ and val/)")
+        raise DataError(f"data: {path} does not exist (expected curate's out_dir, holding train/ and val/)")
     found = {}
     for split in ("train", "val"):
-        files = part_files(root / split)
-        for f in files:
-            try:
-                names = set(pq.read_schema(f).names)
-            except Exception as e:  # pyarrow raises several types for a damaged file
-                raise TrainError(f"data: {f} is not a readable Parquet file: {e}") from None
-            missing = sorted({"messages", "kind"} - names)
-            if missing:
-                raise TrainError(f"data: {f} lacks column(s) {', '.join(missing)}; is it a cotd curated dataset?")
+        files = check_dataset(root / split, TRAIN_READS, "data", "cotd curate") if part_files(root / split) else []
         found[split] = [f for f in files if pq.read_metadata(f).num_rows > 0]
     if not found["train"]:
-        raise TrainError(f"data: {root / 'train'} holds no examples (has `cotd curate` kept any?)")
+        raise DataError(f"data: {root / 'train'} holds no examples (has `cotd curate` kept any?)")
     return found["train"], found["val"]
+
+
+def student_prompt(data: str) -> dict[str, Any] | None:
+    """How the student was prompted in training (curate's example settings: format, granularity,
+    system text), from the curated set's manifest; what evaluation and serving must prompt it with."""
+    manifest = Path(data) / MANIFEST
+    if not manifest.is_file():
+        return None
+    examples = read_json(manifest).get("config", {}).get("examples") or {}
+    return {k: examples.get(k) for k in ("format", "granularity", "system")} if examples else None
 
 
 def check_model(cfg: TrainConfig, model_path: str) -> None:
@@ -182,7 +189,7 @@ def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sampl
          steps_per_epoch: int, out: Path, log):
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
-    from ray.train import ScalingConfig as RayScaling
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -193,7 +200,7 @@ def _fit(cfg: TrainConfig, model_path: str, pad_id: int, train_ds, val_ds, sampl
                            "steps_per_epoch": steps_per_epoch, "pad_id": pad_id, "has_val": val_ds is not None,
                            "accuracy_sample": sample},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=RayScaling(num_workers=s.num_workers, use_gpu=s.use_gpu, accelerator_type=s.accelerator_type,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, accelerator_type=s.accelerator_type,
                                   resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
@@ -224,10 +231,7 @@ def _publish_export(cfg: TrainConfig, model_path: str, export: Path, out: Path, 
         merged = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.bfloat16)
     merged.save_pretrained(tmp / "merged")
     AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp / "merged")
-    for name in ("adapter", "merged"):
-        if (tmp / name).exists():
-            shutil.rmtree(out / name, ignore_errors=True)
-            (tmp / name).rename(out / name)
+    publish(tmp, out, ("adapter", "merged"))
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"exported: {out / 'merged'}" + (f" and {out / 'adapter'}" if cfg.method == "lora" else ""))
 
@@ -237,16 +241,10 @@ def _outputs(cfg: TrainConfig, out: Path) -> dict[str, str]:
     return {n: str(out / n) for n in names}
 
 
-def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def _model_card(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
+def model_card(cfg: TrainConfig, manifest: dict[str, Any], name: str) -> str:
     f = manifest["final"]
     lines = [
-        f"# {out.name}: a cotd student", "",
+        f"# {name}: a cotd student", "",
         f"- base model: `{cfg.model}` ({manifest['model_path']})",
         f"- method: {cfg.method}" + (f" (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})" if cfg.method == "lora" else ""),
         f"- data: `{cfg.data}` ({manifest['sequences']['train']} training sequences, {manifest['sequences']['val']} validation)",
@@ -255,8 +253,10 @@ def _model_card(cfg: TrainConfig, manifest: dict[str, Any], out: Path) -> None:
         f"- steps: {f['step']}; loss {manifest['first_loss']:.4f} -> {f['loss']:.4f}"
         + (f"; validation loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else "")
         + (f"; validation answer accuracy {f['val_accuracy']:.3f}" if f.get("val_accuracy") is not None else ""),
-        "", "The full configuration and metrics are in manifest.json and metrics.jsonl.", "",
     ]
-    tmp = out / ".MODEL_CARD.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out / "MODEL_CARD.md")
+    if manifest.get("student_prompt"):
+        p = manifest["student_prompt"]
+        lines.append(f"- prompted as trained: format {p['format']}, granularity {p['granularity']}"
+                     + (f", system text {p['system']!r}" if p.get("system") else ""))
+    lines += ["", "The full configuration and metrics are in manifest.json and metrics.jsonl.", ""]
+    return "\n".join(lines)

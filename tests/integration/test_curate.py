@@ -22,7 +22,7 @@ from jobs.curate.main import main
 from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
 from jobs.generate.pipeline import finish_rows, plan_rows
-from jobs.generate.schema import CHAIN_SCHEMA
+from jobs.common.schemas import CHAIN_SCHEMA
 from jobs.tasks.sources import load_problems
 
 pytestmark = pytest.mark.integration
@@ -137,7 +137,7 @@ def check_outputs(out: Path, chains: Path, manifest: dict) -> list[dict]:
     return decisions
 
 
-def test_curate_with_vllm_judge_then_resume(tmp_path, chains_dir, tiny_model, ray_session):
+def test_curate_with_vllm_judge(tmp_path, chains_dir, tiny_model, ray_session):
     out = tmp_path / "curated"
     judge = {"model": {"model": str(tiny_model), "max_model_len": 1024, "batch_size": 8, "gpu_memory_utilization": 0.1},
              "sampling": {"temperature": 0.0, "max_tokens": 16}, "unparsed": "keep", "write_rows": 4}
@@ -155,18 +155,6 @@ def test_curate_with_vllm_judge_then_resume(tmp_path, chains_dir, tiny_model, ra
     assert {(j["problem_id"], j["path_index"]) for j in judged} == survivors
     assert all(j["status"] in ("ok", "unparsed") and j["judge_text"] is not None for j in judged)
     assert any("13 to judge" in ln for ln in lines), lines
-
-    # resume: lose the last judgement part (as a crash would), run again: only those are judged
-    parts = part_files(jdir)
-    assert len(parts) >= 2
-    lost = pq.read_table(parts[-1]).num_rows
-    parts[-1].unlink()
-    lines.clear()
-    again = main(cfg, log=lines.append)
-    assert any(f"{13 - lost} already judged" in ln and f"{lost} to judge" in ln for ln in lines), lines
-    assert len(read_dataset(jdir)) == 13
-    assert again["summary"]["kept"] == manifest["summary"]["kept"]
-    check_outputs(out, chains_dir, again)
 
 
 class JudgeServer(ThreadingHTTPServer):
@@ -199,15 +187,31 @@ class JudgeHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def test_curate_with_http_judge_drop_rule_and_self_eval(tmp_path, chains_dir, ray_session):
+def test_curate_with_http_judge_drop_rule_self_eval_and_resume(tmp_path, chains_dir, ray_session):
+    """Also: the judge pass resumes (the same for every judge backend): a lost judgement part is
+    judged again, nothing else."""
     server = JudgeServer()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         out = tmp_path / "curated"
         judge = {"model": {"backend": "openai", "model": "judge-x", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"},
-                 "rule": "threshold", "min_score": 6, "unparsed": "drop"}
-        manifest = main(curate_config(chains_dir, out, judge=judge, examples={"format": "post", "granularity": 1}),
-                        log=lambda *_: None)
+                 "rule": "threshold", "min_score": 6, "unparsed": "drop", "write_rows": 4}
+        cfg = curate_config(chains_dir, out, judge=judge, examples={"format": "post", "granularity": 1})
+        manifest = main(cfg, log=lambda *_: None)
+        # resume: lose the last judgement part (as a crash would), run again: only those are judged
+        jdir = next(p for p in (out / "judgements").iterdir() if p.is_dir())
+        parts = part_files(jdir)
+        assert len(parts) >= 2
+        lost = pq.read_table(parts[-1]).num_rows
+        parts[-1].unlink()
+        lines: list[str] = []
+        seen = len(server.seen)
+        again = main(cfg, log=lines.append)
+        assert any(f"{13 - lost} already judged" in ln and f"{lost} to judge" in ln for ln in lines), lines
+        assert len(server.seen) - seen == lost and len(read_dataset(jdir)) == 13
+        assert again["summary"]["kept"] == manifest["summary"]["kept"]
+        check_outputs(out, chains_dir, again)
+        server.seen = server.seen[:seen]
     finally:
         server.shutdown()
     decisions = check_outputs(out, chains_dir, manifest)

@@ -13,49 +13,18 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
 from jobs.common.config import ConfigError, build
-from jobs.common.runs import PartWriter
-from jobs.curate.examples import EXAMPLE_SCHEMA
+from jobs.common.errors import CotdError
+from jobs.common.schemas import METRIC_FIELDS
 from jobs.train.config import TrainConfig
 from jobs.train.main import main
+from shared import LORA, config
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-def example(i: int, kind: str) -> dict:
-    a, b = i % 9 + 1, i % 7 + 2
-    if kind == "general":
-        messages = [{"role": "user", "content": f"Spell 'cat{i}' backward."}, {"role": "assistant", "content": f"{i}tac"}]
-    else:
-        messages = [{"role": "system", "content": "Solve the problem step by step. End with 'Answer: <final answer>'."},
-                    {"role": "user", "content": f"What is {a} + {b} times 2?"},
-                    {"role": "assistant", "content": f"Step 1: {b} times 2 is {2 * b}.\nStep 2: {a} plus {2 * b} is {a + 2 * b}.\nAnswer: {a + 2 * b}"}]
-    return {"example_id": f"{kind}{i}", "kind": kind, "problem_id": f"p{i}", "path_index": 0, "category": "math",
-            "difficulty": "default", "format": "pre", "num_steps": 2, "messages": json.dumps(messages),
-            "gold_answer": messages[-1]["content"].rsplit(" ", 1)[-1], "verifier": "exact", "metadata": "{}"}
-
-
-@pytest.fixture(scope="module")
-def curated(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("curated")
-    train = [example(i, "rationale") for i in range(48)] + [example(100 + i, "general") for i in range(8)]
-    val = [example(200 + i, "rationale") for i in range(8)]
-    PartWriter(root / "train", EXAMPLE_SCHEMA).write(pa.Table.from_pylist(train, schema=EXAMPLE_SCHEMA))
-    PartWriter(root / "val", EXAMPLE_SCHEMA).write(pa.Table.from_pylist(val, schema=EXAMPLE_SCHEMA))
-    return root
-
-
-def config(curated, out, model, **over) -> TrainConfig:
-    data = {"data": str(curated), "out_dir": str(out), "model": str(model), "precision": "fp32", "max_seq_len": 256,
-            "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1, "epochs": 4, "eval_every": 3,
-            "save_every": 3, "max_failures": 0, "scaling": {"num_workers": 2}, "lora": {"dropout": 0.0}}
-    data.update(over)
-    return build(TrainConfig, data)
 
 
 def history(out: Path) -> list[dict]:
@@ -71,6 +40,7 @@ def check_run(out: Path, manifest: dict, accuracy: bool = False, precision: str 
         assert validated and all(0 <= m["val_accuracy"] <= 1 for m in validated)
         assert "validation answer accuracy" in (out / "MODEL_CARD.md").read_text()
     assert [m["step"] for m in h] == list(range(1, manifest["steps"] + 1))  # a continuous curve
+    assert all(set(m) <= set(METRIC_FIELDS) for m in h)  # the documented record
     assert h[-1]["loss"] < h[0]["loss"] - 0.2, [m["loss"] for m in h]  # learning, even for LoRA on a random model
     assert h[-1]["val_loss"] is not None and h[-1]["tokens_per_s"] > 0
     assert all(m["lr"] >= 0 for m in h)
@@ -115,13 +85,11 @@ def test_sequences_stage_tokenizes_packs_and_counts_cut_examples(curated, tiny_m
         assert truncated == 0 and len(roomy) < len(rows)
 
 
-def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated, tiny_model, ray_session, capfd):
-    out = tmp_path / "student"
-    manifest = main(config(curated, out, tiny_model, zero={"stage": 2}, val_accuracy_samples=4,
-                           val_accuracy_max_tokens=16), log=lambda *_: None)
+def test_lora_zero2_two_workers_trains_and_exports(lora_run, tiny_model):
+    """The merged student loads in vLLM too: the evaluation and serving tests serve it."""
+    out, manifest, lines = lora_run
     check_run(out, manifest, accuracy=True)
-    # a local cluster has no state API; Ray Train's cleaner would warn about it every second
-    assert "State API may be temporarily unavailable" not in capfd.readouterr().err
+    assert any(line.startswith("trained ") for line in lines)
     assert (out / "adapter" / "adapter_config.json").is_file()
     from transformers import AutoModelForCausalLM
 
@@ -130,68 +98,15 @@ def test_lora_zero2_two_workers_trains_exports_and_vllm_loads(tmp_path, curated,
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[q].float(), base.state_dict()[q].float())  # the adapter merged in
 
-    # the merged student is a teacher cotd generate can load with vLLM
-    from jobs.generate.config import GenerateConfig
-    from jobs.generate.main import main as generate
 
-    gen = generate(build(GenerateConfig, {
-        "out_dir": str(tmp_path / "gen"), "paths_per_problem": 1, "sampling": {"max_tokens": 8},
-        "teacher": {"model": str(out / "merged"), "max_model_len": 1024, "gpu_memory_utilization": 0.1},
-        "sources": [{"type": "reasoning_gym", "tasks": [{"name": "basic_arithmetic", "size": 2, "seed": 1}]}]}),
-        log=lambda *_: None)
-    assert gen["summary"]["status"]["error"] == 0 and gen["summary"]["chains"] == 2
-
-
-def test_full_zero3_two_workers(tmp_path, curated, tiny_model, ray_session):
-    out = tmp_path / "student"
-    manifest = main(config(curated, out, tiny_model, method="full", zero={"stage": 3}, lr=1e-3, packing=False,
-                           val_accuracy_samples=3, val_accuracy_max_tokens=16), log=lambda *_: None)
-    check_run(out, manifest, accuracy=True)  # 3 problems on 2 ranks: generate in step across ZeRO-3 shards
-    assert not (out / "adapter").exists()
-    from transformers import AutoModelForCausalLM
-
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    assert not torch.equal(merged.state_dict()["model.norm.weight"].float(), base.state_dict()["model.norm.weight"].float())
-
-
-def test_micro_batch_times_accumulation_invariance(tmp_path, curated, tiny_model, ray_session):
-    """One optimizer step over the same 4 sequences: 1 x 4 and 4 x 1 give the same gradient (its
-    norm, which Adam's scale invariance would hide from the weights) and the same weights. The
-    1 x 4 side computes its loss chunked (loss_chunk_tokens), so the chunked loss is held to the
-    same standard through DeepSpeed."""
-    import shutil
-
-    weights, norms = [], []
-    train_only = tmp_path / "train-only"  # a curated set without a val split trains too
-    shutil.copytree(curated / "train", train_only / "train")
-    for mb, ga, chunk in ((4, 1, 0), (1, 4, 5)):
-        out = tmp_path / f"mb{mb}"
-        main(config(train_only, out, tiny_model, method="full", zero={"stage": 2}, micro_batch_size=mb, grad_accum=ga,
-                    max_steps=1, lr=1e-2, warmup_steps=0, scaling={"num_workers": 1}, loss_chunk_tokens=chunk),
-             log=lambda *_: None)
-        from transformers import AutoModelForCausalLM
-
-        # the fp32 weights as trained (merged/ is bf16), from the final checkpoint's export
-        export = out / "checkpoints" / "train" / "step-000001-final" / "export"
-        weights.append(AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).state_dict())
-        norms.append(history(out)[0]["grad_norm"])
-    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and norms[0] > 0
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
-    key = "model.layers.1.mlp.down_proj.weight"
-    moved = (weights[0][key] - base[key]).abs().max().item()
-    assert moved > 1e-3  # the step did something
-    diff = sum((weights[0][k] - weights[1][k]).abs().sum().item() for k in base)
-    step = sum((weights[0][k] - base[k]).abs().sum().item() for k in base)
-    assert diff / step < 1e-5  # measured ~4e-8 (float summation order)
-
-
-def test_killed_worker_restarts_from_checkpoint(tmp_path, curated, tiny_model, ray_session, monkeypatch):
-    """Also: precision auto is decided by the workers' CPUs, not the driver's (here told the
-    opposite of what this machine has)."""
+def test_full_zero3_survives_a_killed_worker(tmp_path, curated, tiny_model, ray_session, monkeypatch):
+    """Full fine-tuning under ZeRO-3 on 2 workers, one of them killed after the first checkpoint:
+    Ray Train restarts the group, which loads the sharded checkpoint and continues the curve.
+    Also: precision auto is decided by the workers' CPUs, not the driver's (here told the opposite
+    of what this machine has)."""
     import psutil
 
-    import jobs.common.llm as llm_mod
+    import jobs.common.engine as llm_mod
 
     workers = llm_mod.cpu_has_native_bf16()
     monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda *a: not workers)
@@ -214,26 +129,37 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path, curated, tiny_model, r
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    manifest = main(config(curated, out, tiny_model, max_failures=2, precision="auto"), log=lambda *_: None)
+    manifest = main(config(curated, out, tiny_model, method="full", zero={"stage": 3}, lr=1e-3, packing=False,
+                           max_failures=2, precision="auto", val_accuracy_samples=3, val_accuracy_max_tokens=16),
+                    log=lambda *_: None)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert len(manifest["resumed_at_steps"]) == 1 and manifest["resumed_at_steps"][0] >= 3
-    check_run(out, manifest, precision="bf16" if workers else "fp32")
+    # 3 problems on 2 ranks: they generate in step across ZeRO-3 shards
+    check_run(out, manifest, accuracy=True, precision="bf16" if workers else "fp32")
+    assert not (out / "adapter").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(merged.state_dict()["model.norm.weight"].float(), base.state_dict()["model.norm.weight"].float())
 
 
-def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, curated, tiny_model, ray_session):
+def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, lora_run, curated, tiny_model, ray_session):
     """SIGKILL the whole `cotd train` job (driver, its Ray, the workers) after its first checkpoint,
-    then run the same command again: it continues from that checkpoint, not from step 0."""
+    then run the same command again: it continues from that checkpoint, not from step 0, and ends
+    with the loss curve and the weights of the same run uninterrupted (lora_run). Its non-TTY
+    output shows progress lines while it trains. Resuming under another setup is refused."""
+    from jobs.common.config import to_dict
+
     out = tmp_path / "student"
-    settings = {"data": str(curated), "out_dir": str(out), "model": str(tiny_model), "precision": "fp32",
-                "max_seq_len": 256, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1,
-                "epochs": 4, "eval_every": 3, "save_every": 3, "max_failures": 0, "lora": {"dropout": 0.0},
-                "scaling": {"num_workers": 2}}
+    settings = to_dict(config(curated, out, tiny_model, **LORA))
     cfg = tmp_path / "train.yaml"
     cfg.write_text(json.dumps(settings))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    log = tmp_path / "first-run.log"
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     snapshot = out / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not (snapshot.is_file() and "step-" in snapshot.read_text()):
@@ -243,9 +169,33 @@ def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, cur
     proc.wait()
     assert not (out / "manifest.json").exists()
 
+    first = log.read_text()
+    assert "[train] " in first  # progress from the workers, through a file
+    # a local cluster has no state API; Ray Train's cleaner would warn about it every second
+    assert "State API may be temporarily unavailable" not in first
     manifest = main(build(TrainConfig, settings), log=lambda *_: None)
     assert len(manifest["resumed_at_steps"]) == 1 and manifest["resumed_at_steps"][0] >= 3
-    check_run(out, manifest)
+    check_run(out, manifest, accuracy=True)
+
+    # the same run uninterrupted: the same loss curve and the same weights
+    ref_out, ref_manifest, _ = lora_run
+    ref, resumed = history(ref_out), history(out)
+    assert [m["step"] for m in resumed] == [m["step"] for m in ref]
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in ref], rel=1e-4)
+    assert [m.get("val_loss") is None for m in resumed] == [m.get("val_loss") is None for m in ref]
+    assert [m["val_loss"] for m in resumed if m.get("val_loss") is not None] == pytest.approx(
+        [m["val_loss"] for m in ref if m.get("val_loss") is not None], rel=1e-4)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (ref_out, out))
+    assert a.keys() == b.keys()
+    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)  # LoRA's B starts at zero
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-3 and diff < 1e-4 * moved, (diff, moved)
+
+    # resuming its checkpoints under another setup would mix two runs: refused before any work
+    with pytest.raises(CotdError, match=r"holds train outputs made with a different lr.*overwrite=true"):
+        main(build(TrainConfig, {**settings, "lr": 1e-3}), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("over, message", [

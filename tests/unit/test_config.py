@@ -6,14 +6,17 @@ from pathlib import Path
 
 import pytest
 
+import importlib
+
+from jobs.cli import STAGES
 from jobs.common.config import ConfigError, load_config
-from jobs.curate.config import CurateConfig
 from jobs.generate.config import GenerateConfig
-from jobs.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# configs/<stage>/... belongs to that stage's config class
-STAGE_CLASSES = {"generate": GenerateConfig, "curate": CurateConfig, "train": TrainConfig}
+# configs/<stage>/... belongs to that stage's config class (the command's)
+STAGE_CLASSES = {stage: getattr(importlib.import_module(mod), cls) for stage, (mod, cls, _) in STAGES.items()}
+STAGE_CLASSES["experiments"] = STAGE_CLASSES.pop("experiment")
+STAGE_CLASSES["pipelines"] = STAGE_CLASSES.pop("run")
 
 
 def all_yamls():
@@ -31,7 +34,7 @@ def test_every_config_is_covered():
 def test_config_file_loads(path):
     cls = STAGE_CLASSES[path.relative_to(CONFIGS).parts[0]]
     cfg = load_config(cls, path)
-    assert cfg.out_dir
+    assert cfg.out_dir if hasattr(cfg, "out_dir") else cfg.student and cfg.teacher
 
 
 def write(tmp_path, text):
@@ -94,3 +97,33 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(GenerateConfig, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(GenerateConfig, write(tmp_path, "a: [1,\n"))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "pipelines").glob("*.yaml")) + sorted((CONFIGS / "experiments").glob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_pipelines_and_experiments_plan_every_stage(path):
+    """A pipeline or experiment loads and checks every stage config it names, with its overrides
+    applied and its paths pointed into its run directory, before anything runs."""
+    from jobs.experiment.main import plan
+    from jobs.pipeline.main import plan_stages
+
+    cls = STAGE_CLASSES[path.parent.name]
+    cfg = load_config(cls, path)
+    if path.parent.name == "pipelines":
+        out = Path(cfg.out_dir)
+        stages = [plan_stages({"generate": cfg.generate, "curate": cfg.curate, "train": cfg.train, "eval": cfg.eval},
+                              out, cfg.overrides, Path(cfg.generate_dir or out / "generate"), None, None)]
+    else:
+        stages = list(plan(cfg).values())
+    for s in stages:
+        assert Path(s.curate.chains) == Path(s.generate.out_dir) / "chains"
+        assert Path(s.train.data) == Path(s.curate.out_dir) and s.eval.student == s.train.out_dir
+    if path.parent.name == "experiments":
+        variants = {v.name: v for v in cfg.variants}
+        for name, s in zip(variants, stages):
+            for item in variants[name].curate:  # each variant's own overrides reach its stage
+                key, value = item.split("=", 1)
+                node = s.curate
+                for part in key.split("."):
+                    node = getattr(node, part)
+                assert str(node) == value or float(node) == float(value), (name, item)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pyarrow as pa
@@ -12,13 +13,15 @@ from jobs.common.config import ConfigError, build
 from jobs.curate.config import CorrectnessConfig, CurateConfig, ExampleConfig, JudgeConfig, StructureConfig
 from jobs.curate.examples import general_examples, rationale_example, self_eval_example, val_ids
 from jobs.curate.filters import (REASONS, answer_before_reasoning, correctness_reasons, duplicates, jaccard, judged_low,
-                                 majority, normalize_answer, repeat_fraction, screen, select, shingles, structure_reason)
+                                 repeat_fraction, screen, select, shingles, structure_reason)
 from jobs.curate.judge import finish_judgements, judge_messages, parse_judgement, render_judgement
-from jobs.curate.pipeline import CHAIN_COLUMNS, decide_group, screen_group
+from jobs.common.schemas import CURATE_READS
+from jobs.curate.pipeline import decide_group, screen_group
 from jobs.curate.report import markdown, plot, summarize
 from jobs.formats.parse import parse_chain
-from jobs.generate.schema import CHAIN_SCHEMA
+from jobs.common.schemas import CHAIN_SCHEMA
 from jobs.tasks.problem import Problem
+from jobs.tasks.verify import is_correct
 
 GOOD = ("Step 1: Add 3 and 4 to get 7.\nStep 2: Multiply 7 by 2 to get 14.\n"
         "Step 3: Subtract 4 from 14 to get 10.\nAnswer: 10")
@@ -28,7 +31,7 @@ def chain(text=GOOD, pid="p1", k=0, fmt="pre", gold="10", verifier="math", corre
           finish="stop", category="math", difficulty="default"):
     parsed = parse_chain(text or "", fmt)
     if correct is None and gold is not None and parsed.answer is not None:
-        correct = normalize_answer(parsed.answer) == normalize_answer(gold)
+        correct = is_correct(verifier, gold, "{}", parsed.answer)
     return {"problem_id": pid, "path_index": k, "category": category, "difficulty": difficulty,
             "question": f"What is (3 + 4) * 2 - 4? [{pid}]", "gold_answer": gold, "verifier": verifier if gold else "none",
             "metadata": "{}", "format": fmt, "chain": text, "finish_reason": finish, "steps": parsed.steps, "num_steps": len(parsed.steps),
@@ -72,15 +75,6 @@ def test_repeat_fraction_separates_loops_from_prose():
     assert repeat_fraction("and then again " * 40) > 0.9
 
 
-def test_normalize_and_majority():
-    assert normalize_answer(" 4.0 ") == normalize_answer("4") == "4"
-    assert normalize_answer("1,000") == "1000"
-    assert normalize_answer("Tuesday.") == "tuesday"
-    assert majority(["4", "4.0", "5"]) == ("4", pytest.approx(2 / 3), 3)
-    top, share, votes = majority(["4", "5"])
-    assert top is None and votes == 2  # a tie has no majority
-
-
 def test_correctness_gold_consistency_and_off():
     rows = [chain(k=0), chain(k=1, text=GOOD.replace("Answer: 10", "Answer: 11"))]
     assert correctness_reasons(rows, CorrectnessConfig()) == [None, "incorrect"]
@@ -91,6 +85,12 @@ def test_correctness_gold_consistency_and_off():
     assert correctness_reasons(nogold, CorrectnessConfig(mode="gold")) == ["no_gold"] * 3
     assert correctness_reasons(nogold, CorrectnessConfig(min_agreement=0.9)) == ["no_consensus"] * 3
     assert correctness_reasons(nogold[:1], CorrectnessConfig()) == ["no_consensus"]  # min_votes 2
+    # equivalent answers vote together, by the problem's verifier (math here)
+    forms = [chain(k=i, gold=None, verifier="math", text=GOOD.replace("Answer: 10", f"Answer: {a}"))
+             for i, a in enumerate(["1/2", "0.5", "\\frac{1}{2}", "3"])]
+    for r in forms:
+        r["verifier"] = "math"
+    assert correctness_reasons(forms, CorrectnessConfig()) == [None, None, None, "disagrees_with_majority"]
     # consistency mode ignores the gold answer even where there is one
     assert correctness_reasons(rows + [chain(k=2)], CorrectnessConfig(mode="consistency")) == [None, "disagrees_with_majority", None]
 
@@ -211,8 +211,8 @@ def test_self_eval_and_general_examples():
 
 
 def _table(rows):
-    return pa.Table.from_pylist([{k: r[k] for k in CHAIN_COLUMNS} for r in rows],
-                                schema=pa.schema([CHAIN_SCHEMA.field(c) for c in CHAIN_COLUMNS]))
+    return pa.Table.from_pylist([{k: r.get(k) for k in CURATE_READS} for r in rows],
+                                schema=pa.schema([CHAIN_SCHEMA.field(c) for c in CURATE_READS]))
 
 
 def test_groups_screen_then_decide_invariants():
@@ -255,3 +255,23 @@ def test_curate_config_errors_name_the_key():
         build(CurateConfig, {"chains": "x", "out_dir": "y", "judge": {"rule": "median"}})
     with pytest.raises(ConfigError, match="missing required key 'chains'"):
         build(CurateConfig, {"out_dir": "y"})
+
+
+def test_perturbations_damage_steps_deterministically_and_keep_the_answer():
+    from jobs.curate.perturb import perturb
+
+    steps = [f"Step text {i}: 12 + {i} = {12 + i}." for i in range(6)]
+    kept = perturb(steps, "delete_steps", 0.67, 0, "p#0")
+    assert len(kept) == 2 and all(s in steps for s in kept) and kept == perturb(steps, "delete_steps", 0.67, 0, "p#0")
+    assert kept != perturb(steps, "delete_steps", 0.67, 0, "p#1") or kept != perturb(steps, "delete_steps", 0.67, 1, "p#0")
+    assert perturb(steps[:1], "delete_steps", 0.67, 0, "x") == steps[:1]  # one step always stays
+    noisy = perturb(steps, "insert_noise", 0.67, 0, "p#0")
+    assert len(noisy) == 10 and [s for s in noisy if s in steps] == steps  # the original order is kept
+    wrong = perturb(steps, "corrupt_numbers", 0, 0, "p#0")
+    assert len(wrong) == 6 and all(w != s for w, s in zip(wrong, steps))
+    assert [re.sub(r"\d", "#", w).replace("##", "#") for w in wrong][:1] == [re.sub(r"\d", "#", steps[0]).replace("##", "#")]
+    assert perturb(steps, "none", 0.67, 0, "p#0") == steps
+    cfg = build(ExampleConfig, {"perturb": {"kind": "delete_steps", "fraction": 0.67}, "granularity": "fine"})
+    ex = rationale_example(chain(), cfg)
+    target = json.loads(ex["messages"])[-1]["content"]
+    assert ex["num_steps"] == 1 and target.endswith("Answer: 10")  # 3 steps -> 1, the answer unchanged

@@ -8,15 +8,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs.common.config import build
 from jobs.formats.prompts import load_exemplars
 from jobs.generate.config import GenerateConfig
-from jobs.common import llm as llm_mod
-from jobs.common.llm import (FinishBatch, HTTPRequest, LLMConfig, VLLMRequest, cpu_has_native_bf16, engine_kwargs,
-                             request_stage, stage_concurrency)
+from jobs.common import engine as llm_mod
+from jobs.common.batch import FinishBatch, HTTPRequest, VLLMRequest, request_stage, stage_concurrency
+from jobs.common.config import ConfigError, build
+from jobs.common.engine import ModelConfig, cpu_binding_env, cpu_has_native_bf16, engine_kwargs
+from jobs.common.offline import offline_engine_kwargs
 from jobs.generate.pipeline import chain_seed, finish_rows, plan_rows
 from jobs.generate.report import format_table, summarize
-from jobs.generate.schema import CHAIN_SCHEMA
+from jobs.common.schemas import CHAIN_SCHEMA
 from jobs.tasks.sources import load_problems
 
 CFG = build(GenerateConfig, {
@@ -84,7 +85,8 @@ def test_engine_batches_as_many_sequences_as_offline_vllm(tiny_model):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    kw = engine_kwargs(LLMConfig(model=str(tiny_model)))
+    kw = offline_engine_kwargs(ModelConfig(model=str(tiny_model)))
+    assert "performance_mode" not in engine_kwargs(ModelConfig(model=str(tiny_model)))  # a server keeps vLLM's own
     ours = EngineArgs(model=str(tiny_model), **kw).create_engine_config().scheduler_config
     plain = {k: v for k, v in kw.items() if k != "performance_mode"}
     offline = EngineArgs(model=str(tiny_model), **plain).create_engine_config(UsageContext.LLM_CLASS).scheduler_config
@@ -108,11 +110,36 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, extra, na
 def test_dtype_auto_runs_float32_on_a_cpu_without_native_bf16(monkeypatch):
     """bf16 on an AVX2-only CPU made vLLM ~10x slower than float32 (the demo's engine timed out)."""
     monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: False)
-    assert engine_kwargs(LLMConfig(model="m"))["dtype"] == "float32"
-    assert engine_kwargs(LLMConfig(model="m", use_gpu=True))["dtype"] == "bfloat16"
-    assert engine_kwargs(LLMConfig(model="m", dtype="bfloat16"))["dtype"] == "bfloat16"
+    assert engine_kwargs(ModelConfig(model="m"))["dtype"] == "float32"
+    assert engine_kwargs(ModelConfig(model="m", use_gpu=True))["dtype"] == "bfloat16"
+    assert engine_kwargs(ModelConfig(model="m", dtype="bfloat16"))["dtype"] == "bfloat16"
     monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: True)
-    assert engine_kwargs(LLMConfig(model="m"))["dtype"] == "bfloat16"
+    assert engine_kwargs(ModelConfig(model="m"))["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("cores, binding, env", [
+    # a small machine: the engine's scheduler shares the compute threads' cores instead of keeping one
+    (2, "auto", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}), (4, "auto", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+    (16, "auto", {}),  # a larger one keeps vLLM's binding
+    (2, "vllm", {}), (2, "0-1", {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}),
+    (2, "0-3|4-7", {"VLLM_CPU_OMP_THREADS_BIND": "0-3|4-7"}),
+])
+def test_cpu_binding(monkeypatch, cores, binding, env):
+    monkeypatch.setattr(llm_mod, "physical_cores", lambda: cores)
+    assert cpu_binding_env(ModelConfig(model="m", cpu_binding=binding)) == env
+    assert cpu_binding_env(ModelConfig(model="m", cpu_binding=binding, use_gpu=True)) == {}
+
+
+def test_physical_cores_counts_this_process_cores():
+    import os
+
+    assert 1 <= llm_mod.physical_cores() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("bad", ["all", "0-", "a,b", "1;2"])
+def test_bad_cpu_binding_is_refused(bad):
+    with pytest.raises(ConfigError, match="cpu_binding must be auto, vllm or a CPU list"):
+        build(ModelConfig, {"model": "m", "cpu_binding": bad})
 
 
 def engine_rows():
@@ -157,9 +184,9 @@ def test_finishing_actors_warm_up_once_and_match_the_model_workers():
     out = finisher(batch)
     assert out.schema == CHAIN_SCHEMA and out.column("correct").to_pylist() == [True, False]
     assert verify._gym_scorer.cache_info().currsize == 1
-    assert stage_concurrency(LLMConfig(model="m", concurrency=(2, 8))) == (2, 8)
-    assert request_stage(LLMConfig(model="m", concurrency=(2, 8)))["compute"].size == 8
-    assert stage_concurrency(LLMConfig(model="m", backend="openai", base_url="http://h/v1", http_concurrency=3)) == (1, 3)
+    assert stage_concurrency(ModelConfig(model="m", concurrency=(2, 8))) == (2, 8)
+    assert request_stage(ModelConfig(model="m", concurrency=(2, 8)))["compute"].size == 8
+    assert stage_concurrency(ModelConfig(model="m", backend="openai", base_url="http://h/v1", http_concurrency=3)) == (1, 3)
 
 
 def test_http_response_is_read():

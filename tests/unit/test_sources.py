@@ -66,7 +66,7 @@ def test_jsonl_without_gold_answers_gets_derived_ids(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"question": "Why?"}\n{"question": "How?"}\n')
     probs = load_problems([jsonl_source(f, fields={"answer": None}, category="commonsense")])
-    assert all(p.answer is None and p.verifier == "none" and p.category == "commonsense" for p in probs)
+    assert all(p.answer is None and p.verifier == "math" and p.category == "commonsense" for p in probs)
     assert len({p.id for p in probs}) == 2 and probs[0].id == load_problems([jsonl_source(f, fields={"answer": None})])[0].id
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.common.runs import PartWriter, part_files
-from jobs.curate.examples import EXAMPLE_SCHEMA
+from jobs.common.schemas import EXAMPLE_SCHEMA
 from jobs.train.accuracy import BATCH, accuracy_sample, answer_accuracy, is_correct
 
 

@@ -150,7 +150,7 @@ def test_precision_auto_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     """Decided on the workers (trains_in_bf16 runs in each; without a process group it sees its own
     CPU alone). DeepSpeed's bf16 on a CPU without bf16 arithmetic converts every operand; where the
     CPU has it, bf16 LoRA trained 1.43x as fast as fp32 (docs/benchmarks.md)."""
-    import jobs.common.llm as llm_mod
+    import jobs.common.engine as llm_mod
     from jobs.train.loop import trains_in_bf16
 
     cpu = torch.device("cpu")
@@ -177,7 +177,7 @@ def test_precision_auto_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
 
 def test_workers_train_in_bf16_only_if_every_one_has_it(monkeypatch):
     """The ranks agree: one worker without native bf16 makes the whole run fp32."""
-    import jobs.common.llm as llm_mod
+    import jobs.common.engine as llm_mod
     import jobs.train.loop as loop
 
     cfg = build(TrainConfig, BASE)

@@ -1,0 +1,212 @@
+"""The hybrid server under measurement, one local Serve application, three benchmarks.
+
+Run as:
+    .venv/bin/python infra/bench/serve.py overhead --student runs/quickstart/student --teacher smollm2-135m-instruct
+    .venv/bin/python infra/bench/serve.py load --student ... --teacher ... --concurrency 8 --seconds 60 --kill-at 20
+    .venv/bin/python infra/bench/serve.py quality --items runs/lab/qwen0.5b/eval/items --plot docs/router-cost-quality.png
+
+overhead  p50/p99 latency of the same one-token request through cotd's router (HTTP, the router,
+          then the student deployment) and straight to the student deployment (a Serve handle call
+          from this process), interleaved in one run; the difference is what the router costs.
+          Target: p50 overhead <= 5 ms.
+load      a fixed number of concurrent clients for a fixed time: throughput, latency percentiles,
+          errors; with --kill-at, one student replica is killed mid-test (its actor, through Ray):
+          no request may hang, every failure is counted, and the replica must come back.
+quality   the cost-quality points of every policy on held-out problems (an evaluation's items:
+          thresholds calibrated on one half, measured on the other), the always-student and
+          always-teacher points, RouteLLM's summaries (APGR, escalation for 50/80/95% of the
+          teacher's quality), and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+PORT = 8766
+
+
+def percentile(values: list[float], p: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def up(args, **over):
+    """Start the application (student, teacher, router); `start` waits until it answers."""
+    from jobs.common.config import build
+    from serve.config import ServeConfig
+    from serve.main import start
+
+    engine = {"max_model_len": 1024, "gpu_memory_utilization": 0.1,
+              "scaling": {"cpus": 1, "min_replicas": args.replicas, "max_replicas": args.replicas}}
+    data = {"student": {"run": args.student, **engine, "timeout_s": 60},
+            "teacher": {"model": args.teacher, **engine, "scaling": {"cpus": 1}},
+            "policy": {"kind": "always_student"}, "port": PORT, "name": "cotd-bench", **over}
+    start(build(ServeConfig, data), log=print, blocking=False)
+
+
+def overhead(args) -> None:
+    import httpx
+    from ray import serve
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    from serve.app import STUDENT_ID, HybridRouter, messages_for
+
+    up(args)
+    student = serve.get_deployment_handle(f"student:{STUDENT_ID}", app_name="cotd-bench")
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = json.loads(json.dumps({"format": "pre", "granularity": "coarse", "system": None}))
+    direct_req = ChatCompletionRequest(model=STUDENT_ID, messages=messages_for(messages, prompt), max_tokens=1,
+                                       temperature=0.0, stream=False)
+    body = {"model": "cotd-student", "messages": messages, "max_tokens": 1, "temperature": 0.0}
+
+    async def direct() -> float:
+        t0 = time.perf_counter()
+        await HybridRouter._first(student, direct_req)
+        return 1000 * (time.perf_counter() - t0)
+
+    def routed(c: httpx.Client) -> float:
+        t0 = time.perf_counter()
+        r = c.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return 1000 * (time.perf_counter() - t0)
+
+    loop = asyncio.new_event_loop()
+    d, r = [], []
+    with httpx.Client(timeout=60) as c:
+        for i in range(args.warmup + args.requests):  # interleaved, so both see the same machine
+            a, b = loop.run_until_complete(direct()), routed(c)
+            if i >= args.warmup:
+                d.append(a)
+                r.append(b)
+    print(f"requests: {args.requests} each, one-token answers, interleaved")
+    for name, v in (("direct to the student deployment", d), ("through cotd's router (HTTP)", r)):
+        print(f"  {name:<34} p50 {percentile(v, 50):7.1f} ms   p99 {percentile(v, 99):7.1f} ms   mean {statistics.mean(v):7.1f} ms")
+    print(f"router overhead: p50 {percentile(r, 50) - percentile(d, 50):.1f} ms, p99 {percentile(r, 99) - percentile(d, 99):.1f} ms"
+          "   target p50 <= 5 ms")
+
+
+def load(args) -> None:
+    import httpx
+    import ray
+
+    up(args)
+    body = {"model": "cotd-hybrid", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
+    stats = {"ok": 0, "errors": {}, "latency": [], "hung": 0}
+    deadline = time.time() + args.seconds
+    killed = {"at": None, "back": None}
+
+    async def client(c: httpx.AsyncClient):
+        while time.time() < deadline:
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body)
+                if r.status_code == 200:
+                    stats["ok"] += 1
+                    stats["latency"].append(1000 * (time.perf_counter() - t0))
+                else:
+                    stats["errors"][str(r.status_code)] = stats["errors"].get(str(r.status_code), 0) + 1
+            except httpx.TimeoutException:
+                stats["hung"] += 1
+            except httpx.HTTPError as e:
+                stats["errors"][type(e).__name__] = stats["errors"].get(type(e).__name__, 0) + 1
+
+    async def killer():
+        if args.kill_at is None:
+            return
+        await asyncio.sleep(args.kill_at)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA") and "student" in a["name"]]
+        if names:
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+            killed["at"] = time.time()
+            print(f"killed replica {names[0]}", flush=True)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=args.timeout) as c:
+            await asyncio.gather(killer(), *(client(c) for _ in range(args.concurrency)))
+
+    t0 = time.time()
+    asyncio.run(main())
+    wall = time.time() - t0
+    lat = stats["latency"]
+    print(f"{args.concurrency} concurrent clients for {args.seconds} s: {stats['ok']} answered ({stats['ok'] / wall:.2f} req/s), "
+          f"errors {stats['errors'] or 0}, hung (no answer within {args.timeout} s) {stats['hung']}")
+    if lat:
+        print(f"latency p50 {percentile(lat, 50):.0f} ms, p90 {percentile(lat, 90):.0f} ms, p99 {percentile(lat, 99):.0f} ms")
+    if killed["at"]:
+        from ray import serve
+
+        status = serve.status().applications["cotd-bench"].deployments
+        print("deployments after the test: " + ", ".join(f"{n}: {d.status.value} ({d.replica_states})" for n, d in status.items()))
+
+
+def quality(args) -> None:
+    from jobs.common.runs import read_dataset
+    from serve.calibrate import cost_quality
+
+    cq = cost_quality(read_dataset(args.items).to_pylist(), target_share=args.target_share)
+    print(f"{cq['n']} held-out problems: student {cq['student_accuracy']:.1%}, teacher {cq['teacher_accuracy']:.1%}; "
+          f"thresholds calibrated to {args.target_share:.0%} of the teacher on one half, measured on the other")
+    print(f"{'policy':<22}{'accuracy':>10}{'share of teacher':>18}{'escalated':>11}")
+    for name, p in cq["policies"].items():
+        if p["accuracy"] is None:
+            continue
+        share = p["accuracy"] / cq["teacher_accuracy"] if cq["teacher_accuracy"] else float("nan")
+        print(f"{name:<22}{p['accuracy']:>10.1%}{share:>18.1%}{p['escalated']:>11.1%}")
+    for signal, c in cq["curves"].items():
+        f = c["escalation_for_share"]
+        print(f"{signal}: APGR {c['apgr']:.3f}; escalation for 50/80/95% of the teacher's quality: "
+              + " / ".join("-" if f[k] is None else f"{f[k]:.0%}" for k in ("0.5", "0.8", "0.95")))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for signal, c in cq["curves"].items():
+            ax.plot([p["rate"] for p in c["curve"]], [p["accuracy"] for p in c["curve"]], "-", label=f"confidence: {signal}")
+        for name, p in cq["policies"].items():
+            if p["accuracy"] is not None:
+                ax.plot([p["escalated"]], [p["accuracy"]], "o", label=name)
+        ax.set(xlabel="share of queries answered by the teacher", ylabel="accuracy on held-out problems",
+               title="cost-quality of the router's policies")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=90)
+        print(f"plot: {args.plot}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="bench", required=True)
+    for name in ("overhead", "load"):
+        p = sub.add_parser(name)
+        p.add_argument("--student", required=True, help="a cotd train run directory")
+        p.add_argument("--teacher", required=True, help="a model reference")
+        p.add_argument("--replicas", type=int, default=1, help="student replicas")
+    sub.choices["overhead"].add_argument("--requests", type=int, default=200)
+    sub.choices["overhead"].add_argument("--warmup", type=int, default=20)
+    lp = sub.choices["load"]
+    lp.add_argument("--concurrency", type=int, default=8)
+    lp.add_argument("--seconds", type=float, default=60)
+    lp.add_argument("--timeout", type=float, default=120, help="a request with no answer by then counts as hung")
+    lp.add_argument("--kill-at", type=float, help="kill one student replica this many seconds in")
+    q = sub.add_parser("quality")
+    q.add_argument("--items", required=True, help="an evaluation's items/ folder")
+    q.add_argument("--target-share", type=float, default=0.95)
+    q.add_argument("--plot", help="where to save the cost-quality plot (PNG)")
+    args = ap.parse_args()
+    {"overhead": overhead, "load": load, "quality": quality}[args.bench](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""The hybrid server: a Ray Serve application with an OpenAI-compatible ingress that answers with
+the distilled student and escalates to the teacher when the routing policy says so.
+
+    student  ray.serve.llm's LLMServer (vLLM), the merged student, autoscaled
+    teacher  another LLMServer, or an OpenAI-compatible endpoint (a hosted large model)
+    router   this module's HybridRouter: FastAPI ingress, policy, metadata, metrics, limits
+
+`build_app(cfg)` builds the application; `build({"config": FILE, ...})` is the application builder
+`serve deploy serve/hybrid.yaml` imports. The student is prompted exactly as it was trained
+(jobs.formats: the train run's format, granularity and system text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve.config import ModelSpec, ServeConfig
+from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_decision
+
+logger = logging.getLogger("cotd.serve")
+HYBRID, STUDENT_ID, TEACHER_ID = "cotd-hybrid", "cotd-student", "cotd-teacher"
+fastapi_app = FastAPI(title="cotd hybrid router")
+
+
+# --- what the models are and how they are prompted ----------------------------------------------
+
+def resolve_spec(spec: ModelSpec, log=lambda *_: None) -> dict[str, Any]:
+    """A model spec as the app needs it: {path, prompt, served_model} (path None for an endpoint).
+    A train `run` gives its merged model and the prompt it was trained with."""
+    from jobs.common.errors import DataError
+    from jobs.common.models import resolve
+    from jobs.common.runs import MANIFEST, read_json
+
+    prompt = {"format": spec.format or "pre", "granularity": spec.granularity or "coarse", "system": None}
+    if spec.run:
+        manifest = Path(spec.run) / MANIFEST
+        if not manifest.is_file():
+            raise DataError(f"student.run: {spec.run} has no {MANIFEST} (is it a finished `cotd train` run?)")
+        m = read_json(manifest)
+        merged = Path(m["outputs"]["merged"])
+        if not (merged / "config.json").is_file():
+            raise DataError(f"student.run: {merged} holds no exported model")
+        trained = m.get("student_prompt") or {}
+        prompt = {"format": spec.format or trained.get("format") or "pre",
+                  "granularity": spec.granularity or trained.get("granularity") or "coarse",
+                  "system": trained.get("system")}
+        return {"path": str(merged), "prompt": prompt, "served_model": STUDENT_ID}
+    if spec.base_url:
+        return {"path": None, "prompt": prompt, "served_model": spec.served_model or spec.model}
+    return {"path": resolve(spec.model, log=log), "prompt": prompt, "served_model": None}
+
+
+def messages_for(messages: list[dict[str, str]], prompt: dict[str, Any]) -> list[dict[str, str]]:
+    """The request's chat with the model's own instruction first (format and granularity, as in
+    training); the client's system text, if any, goes before it."""
+    from jobs.formats.prompts import build_messages
+
+    system = " ".join(m["content"] for m in messages if m["role"] == "system").strip() or None
+    rest = [m for m in messages if m["role"] != "system"]
+    head = build_messages("", fmt=prompt["format"], difficulty="default", granularity=prompt["granularity"],
+                          exemplars=[], system=" ".join(x for x in (prompt.get("system"), system) if x) or None)[0]
+    return [head, *rest]
+
+
+def llm_config(spec: ModelSpec, model_id: str, path: str):
+    """ray.serve.llm's LLMConfig for a deployed model: cotd's engine settings for this machine
+    (dtype, CPU binding), Serve autoscaling, and on CPU a CPU accelerator and bundle (without
+    them the deployment waits for GPUs)."""
+    from ray.serve.llm import LLMConfig
+
+    from jobs.common.engine import ModelConfig, cpu_binding_env, engine_kwargs
+
+    gpu = spec.scaling.gpus > 0
+    mc = ModelConfig(model=path, use_gpu=gpu, dtype=spec.dtype, max_model_len=spec.max_model_len,
+                     gpu_memory_utilization=spec.gpu_memory_utilization, engine_kwargs=dict(spec.engine_kwargs))
+    kw: dict[str, Any] = {"model_loading_config": {"model_id": model_id, "model_source": path},
+                          "engine_kwargs": engine_kwargs(mc), "deployment_config": spec.scaling.deployment_config()}
+    env = cpu_binding_env(mc)
+    if env:
+        kw["runtime_env"] = {"env_vars": env}
+    if not gpu:
+        kw["accelerator_config"] = {"kind": "cpu"}
+        kw["placement_group_config"] = {"bundles": [{"CPU": spec.scaling.cpus}]}
+    return LLMConfig(**kw)
+
+
+# --- the router ------------------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_response(e: HTTPError) -> JSONResponse:
+    return JSONResponse(status_code=e.status, content={"error": {"message": e.message, "type": e.kind, "code": e.status}})
+
+
+@fastapi_app.exception_handler(HTTPError)
+async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
+    return error_response(e)
+
+
+def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
+    """The request's fields, checked: HTTPError (4xx) naming what is wrong."""
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects")
+    if len(messages) > limits.max_messages:
+        raise HTTPError(400, f"'messages' holds {len(messages)} messages; at most {limits.max_messages} are accepted")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise HTTPError(400, f"messages[{i}] must be an object with role system, user or assistant and a string content")
+    if messages[-1]["role"] != "user":
+        raise HTTPError(400, "the last message must be the user's")
+    model = body.get("model") or HYBRID
+    if model not in models:
+        raise HTTPError(404, f"model {model!r} is not served here; models: {', '.join(sorted(models))}", "not_found_error")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", limits.max_tokens))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limits.max_tokens:
+        raise HTTPError(400, f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {max_tokens!r}")
+    n = body.get("n", 1)
+    if n != 1:
+        raise HTTPError(400, "n must be 1: the router returns one chosen answer")
+    temperature = body.get("temperature", 0.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise HTTPError(400, f"temperature must be a number from 0 to 2, got {temperature!r}")
+    ext = body.get("cotd") or {}
+    if not isinstance(ext, dict):
+        raise HTTPError(400, "'cotd' must be an object such as {\"high_stakes\": true, \"category\": \"math\"}")
+    overrides = {k: ext[k] for k in ("policy", "fallback") if k in ext}
+    return {"messages": messages, "model": model, "max_tokens": max_tokens, "temperature": float(temperature),
+            "stream": bool(body.get("stream", False)), "high_stakes": bool(ext.get("high_stakes", False)),
+            "category": ext.get("category"), "question": messages[-1]["content"], "overrides": overrides}
+
+
+def answer_groups(texts: list[str], fmt: str) -> tuple[list[str | None], list[int]]:
+    """The answers read from the student's samples and their equivalence groups (as votes group them)."""
+    from jobs.formats.parse import extract_answer
+    from jobs.tasks.verify import vote_groups
+
+    answers = [extract_answer(t, fmt)[0] for t in texts]
+    groups = vote_groups([a if a is not None else f"\x00unread{i}" for i, a in enumerate(answers)], "math")
+    return answers, groups
+
+
+def mean_logprob(choice: dict[str, Any]) -> float | None:
+    content = (choice.get("logprobs") or {}).get("content") or []
+    values = [t["logprob"] for t in content if t.get("logprob") is not None and math.isfinite(t["logprob"])]
+    return sum(values) / len(values) if values else None
+
+
+class Drift:
+    """Rolling student confidence and escalation rate per category, against the calibration's."""
+
+    def __init__(self, cfg, calibration: dict[str, Any] | None, signal: str):
+        self.cfg, self.signal = cfg, signal
+        self.baseline = (calibration or {}).get("by_category", {})
+        self.conf: dict[str, deque] = defaultdict(lambda: deque(maxlen=cfg.window))
+        self.esc: dict[str, deque] = defaultdict(lambda: deque(maxlen=cfg.window))
+        self.alarm: dict[str, bool] = {}
+
+    def observe(self, category: str, confidence: float | None, escalated: bool) -> dict[str, Any]:
+        if confidence is not None:
+            self.conf[category].append(confidence)
+        self.esc[category].append(escalated)
+        conf = sum(self.conf[category]) / len(self.conf[category]) if self.conf[category] else None
+        rate = sum(self.esc[category]) / len(self.esc[category])
+        base = self.baseline.get(category) or {}
+        base_conf = (base.get("confidence") or {}).get(self.signal)
+        base_rate = (base.get("escalated") or {}).get(self.signal)
+        drifted = len(self.esc[category]) >= min(20, self.cfg.window) and (
+            (conf is not None and base_conf is not None and base_conf - conf > self.cfg.max_confidence_drop)
+            or (base_rate is not None and rate - base_rate > self.cfg.max_escalation_rise))
+        if drifted and not self.alarm.get(category):
+            logger.warning("cotd drift: category %s: student confidence %.3f (calibrated %s), escalation rate %.3f "
+                           "(calibrated %s) over the last %d queries", category, conf if conf is not None else float("nan"),
+                           base_conf, rate, base_rate, len(self.esc[category]))
+        self.alarm[category] = drifted
+        return {"confidence": conf, "escalation_rate": rate, "drifted": drifted}
+
+
+class HybridRouter:
+    """The ingress deployment: checks each request, asks the student, decides, escalates, answers
+    with OpenAI's response shape plus a `cotd` field saying who answered and why."""
+
+    def __init__(self, cfg: dict[str, Any], student=None, teacher=None):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+        from transformers import AutoTokenizer
+
+        from jobs.common.config import build
+
+        self.cfg = build(ServeConfig, cfg["serve"], source="serve config")
+        self.student_prompt, self.teacher_prompt = cfg["student_prompt"], cfg["teacher_prompt"]
+        self.teacher_endpoint = cfg.get("teacher_endpoint")
+        self.student, self.teacher = student, teacher
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg["student_path"])
+        self.calibration = cfg.get("calibration")
+        p = self.cfg.policy
+        self.threshold = p.threshold if p.threshold is not None else (
+            ((self.calibration or {}).get("thresholds", {}).get(p.signal) or {}).get("threshold"))
+        if p.kind == "confidence" and self.threshold is None:
+            raise ValueError(f"the calibration has no threshold for signal {p.signal!r}")
+        self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
+        if self.cfg.api_key_env and not self.api_key:
+            raise ValueError(f"api_key_env {self.cfg.api_key_env!r} is set but the variable is empty")
+        self.drift = Drift(self.cfg.drift, self.calibration, p.signal)
+        self.m_requests = Counter("cotd_requests_total", "requests by answering model and route",
+                                  tag_keys=("model", "route"))
+        self.m_escalations = Counter("cotd_escalations_total", "queries escalated to the teacher, by reason",
+                                     tag_keys=("reason",))
+        self.m_latency = Histogram("cotd_request_latency_ms", "request latency by path",
+                                   boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
+                                   tag_keys=("path",))
+        self.m_tokens = Counter("cotd_tokens_total", "tokens by model and kind", tag_keys=("model", "kind"))
+        self.m_cost = Counter("cotd_cost_usd_total", "estimated cost by model", tag_keys=("model",))
+        self.m_errors = Counter("cotd_errors_total", "requests answered with an error, by status", tag_keys=("status",))
+        self.g_conf = Gauge("cotd_student_confidence", "rolling mean student confidence", tag_keys=("category",))
+        self.g_rate = Gauge("cotd_escalation_rate", "rolling escalation rate", tag_keys=("category",))
+        self.g_drift = Gauge("cotd_drift", "1 when a category's confidence or escalation moved past its bound",
+                             tag_keys=("category",))
+
+    # -- endpoints --
+    @fastapi_app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "cotd"}
+                                           for m in (HYBRID, STUDENT_ID, TEACHER_ID)]}
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        started = time.perf_counter()
+        try:
+            self._auth(request)
+            raw = await request.body()
+            if len(raw) > self.cfg.limits.max_request_bytes:
+                raise HTTPError(413, f"the request is {len(raw)} bytes; at most {self.cfg.limits.max_request_bytes} are accepted")
+            try:
+                body = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise HTTPError(400, f"the request body is not valid JSON: {e.msg} at character {e.pos}") from None
+            req = check_request(body, self.cfg.limits, {HYBRID, STUDENT_ID, TEACHER_ID})
+            req["policy"], req["fallback"], req["threshold"] = self._overrides(req.pop("overrides"))
+            prompt_tokens = len(self.tokenizer.apply_chat_template(messages_for(req["messages"], self.student_prompt),
+                                                                   tokenize=True, add_generation_prompt=True,
+                                                                   return_dict=False))
+            if prompt_tokens > self.cfg.limits.max_prompt_tokens:
+                raise HTTPError(400, f"the prompt is {prompt_tokens} tokens; at most {self.cfg.limits.max_prompt_tokens} "
+                                     "are accepted")
+            return await self._answer(req, started)
+        except HTTPError as e:
+            self.m_errors.inc(tags={"status": str(e.status)})
+            return error_response(e)
+
+    def _overrides(self, overrides: dict[str, Any]):
+        """The request's policy, fallback and threshold: the config's, or the request's own where
+        `allow_request_overrides` lets it choose (400 otherwise, or when they do not check)."""
+        if not overrides:
+            return self.cfg.policy, self.cfg.fallback, self.threshold
+        if not self.cfg.allow_request_overrides:
+            raise HTTPError(400, "this server does not let requests choose their policy or fallback "
+                                 "(allow_request_overrides is off)")
+        from jobs.common.config import ConfigError, build, to_dict
+        from serve.config import PolicyConfig
+
+        try:
+            policy = build(PolicyConfig, {**to_dict(self.cfg.policy), **(overrides.get("policy") or {})},
+                           source="the request's cotd.policy")
+        except (ConfigError, TypeError) as e:
+            raise HTTPError(400, str(e)) from None
+        fallback = overrides.get("fallback", self.cfg.fallback)
+        if fallback not in ("student", "error"):
+            raise HTTPError(400, f"cotd.fallback must be student or error, got {fallback!r}")
+        threshold = policy.threshold if policy.threshold is not None else (
+            ((self.calibration or {}).get("thresholds", {}).get(policy.signal) or {}).get("threshold"))
+        return policy, fallback, threshold
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise HTTPError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+
+    # -- routing --
+    async def _answer(self, req: dict[str, Any], started: float) -> Any:
+        p = req["policy"]
+        decision: Decision | None = None
+        if req["model"] == TEACHER_ID:
+            decision = Decision(TEACHER, "requested", "direct")
+        elif req["model"] == STUDENT_ID:
+            decision = Decision(STUDENT, "requested", "direct")
+        else:
+            decision = rule_decision(req["question"], req["category"], req["high_stakes"], p.rules)
+        if decision is not None and decision.target == TEACHER:
+            # known before the student is asked: the teacher's answer can stream as it is written
+            return await self._teacher_reply(req, decision, None, started)
+        k = p.samples if (p.kind == "confidence" and p.signal == "agreement" and decision is None) else 1
+        student = await self._student(req, k)
+        signals = Signals(question=req["question"], category=req["category"], answers=tuple(student["answers"]),
+                          agreement=student["agreement"], token_confidence=student["token_confidence"])
+        if decision is None:
+            decision = decide(p.kind, signals, signal=p.signal, threshold=req["threshold"],
+                              learned=(self.calibration or {}).get("learned"))
+        category = req["category"] or "?"
+        drift = self.drift.observe(category, signal_for(signals, p), decision.target == TEACHER)
+        self.g_drift.set(1.0 if drift["drifted"] else 0.0, tags={"category": category})
+        self.g_rate.set(drift["escalation_rate"], tags={"category": category})
+        if drift["confidence"] is not None:
+            self.g_conf.set(drift["confidence"], tags={"category": category})
+        if decision.target == TEACHER:
+            return await self._teacher_reply(req, decision, (student, signals), started)
+        return self._reply(req, STUDENT, student["text"], student["usage"], decision, signals, started)
+
+    async def _student(self, req: dict[str, Any], k: int) -> dict[str, Any]:
+        """The student's answer(s): one request with n=k (sampled when k > 1), log-probabilities on."""
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        temperature = req["temperature"] if k == 1 else max(req["temperature"], 0.7)
+        body = ChatCompletionRequest(model=STUDENT_ID, messages=messages_for(req["messages"], self.student_prompt),
+                                     max_tokens=req["max_tokens"], temperature=temperature, n=k, logprobs=True,
+                                     stream=False)
+        try:
+            resp = await asyncio.wait_for(self._first(self.student, body), self.cfg.student.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(503, f"the student did not answer within {self.cfg.student.timeout_s:g}s", "server_error") from None
+        choices = resp["choices"]
+        texts = [c["message"].get("content") or "" for c in choices]
+        answers, groups = answer_groups(texts, self.student_prompt["format"])
+        top = max(set(groups), key=lambda g: (groups.count(g), -g))
+        chosen = groups.index(top)
+        lp = mean_logprob(choices[chosen])
+        return {"text": texts[chosen], "answers": [answers[chosen]] + [a for i, a in enumerate(answers) if i != chosen],
+                "agreement": groups.count(top) / len(groups) if k > 1 else None,
+                "token_confidence": math.exp(lp) if lp is not None else None, "usage": resp.get("usage") or {}}
+
+    @staticmethod
+    async def _first(handle, body) -> dict[str, Any]:
+        """The non-streaming response of an LLMServer deployment, as a dict; HTTPError on its errors."""
+        async for out in handle.options(stream=True).chat.remote(body):
+            data = out.model_dump() if hasattr(out, "model_dump") else out
+            if isinstance(data, list):
+                data = data[0]
+            if isinstance(data, dict) and "error" in data and not data.get("choices"):
+                err = data["error"]
+                raise HTTPError(int(err.get("code") or 500), f"model error: {err.get('message')}", "server_error")
+            return data
+        raise HTTPError(502, "the model returned nothing", "server_error")
+
+    async def _teacher_reply(self, req, decision: Decision, student: tuple | None, started: float):
+        """The teacher's answer (live-streamed when the decision came before the student), or on
+        failure the configured fallback: the student's answer, marked, or a 503."""
+        if decision.reason != "requested":
+            self.m_escalations.inc(tags={"reason": decision.reason})
+        messages = messages_for(req["messages"], self.teacher_prompt)
+        try:
+            if req["stream"] and student is None and self.teacher is not None:
+                return await self._teacher_stream(req, messages, decision, started)
+            resp = await asyncio.wait_for(self._teacher_call(req, messages), self.cfg.teacher.timeout_s)
+            text = resp["choices"][0]["message"].get("content") or ""
+            return self._reply(req, TEACHER, text, resp.get("usage") or {}, decision, student[1] if student else None, started)
+        except (asyncio.TimeoutError, HTTPError, OSError, RuntimeError) as e:
+            why = f"the teacher did not answer within {self.cfg.teacher.timeout_s:g}s" if isinstance(e, asyncio.TimeoutError) \
+                else f"the teacher failed: {getattr(e, 'message', None) or e}"
+            logger.warning("cotd teacher unavailable: %s", why)
+            if req["fallback"] == "student" and req["model"] == HYBRID:
+                if student is None:
+                    s = await self._student(req, 1)
+                    signals = Signals(question=req["question"], category=req["category"], answers=tuple(s["answers"]),
+                                      token_confidence=s["token_confidence"])
+                    student = (s, signals)
+                fallback = Decision(STUDENT, "fallback:teacher_unavailable", decision.policy, decision.confidence,
+                                    decision.threshold, {"escalation_reason": decision.reason, "error": why})
+                return self._reply(req, STUDENT, student[0]["text"], student[0]["usage"], fallback, student[1], started)
+            raise HTTPError(503, f"{why}; no fallback is configured", "server_error") from None
+
+    async def _teacher_call(self, req, messages) -> dict[str, Any]:
+        if self.teacher is not None:
+            from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+            body = ChatCompletionRequest(model=TEACHER_ID, messages=messages, max_tokens=req["max_tokens"],
+                                         temperature=req["temperature"], stream=False)
+            return await self._first(self.teacher, body)
+        return await endpoint_chat(self.teacher_endpoint, messages, req["max_tokens"], req["temperature"])
+
+    async def _teacher_stream(self, req, messages, decision, started):
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        body = ChatCompletionRequest(model=TEACHER_ID, messages=messages, max_tokens=req["max_tokens"],
+                                     temperature=req["temperature"], stream=True)
+        gen = self.teacher.options(stream=True).chat.remote(body)
+        meta = self._meta(TEACHER, decision, None, {}, started)
+
+        async def events():
+            async for out in gen:
+                for chunk in (out if isinstance(out, list) else [out]):
+                    text = chunk if isinstance(chunk, str) else f"data: {json.dumps(chunk.model_dump())}\n\n"
+                    if text.strip() == "data: [DONE]":
+                        continue
+                    yield text.replace(f'"model": "{TEACHER_ID}"', f'"model": "{req["model"]}"')
+            yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        self._record(TEACHER, decision, {}, started)
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -- answers --
+    def _meta(self, model: str, decision: Decision, signals: Signals | None, usage: dict, started: float) -> dict[str, Any]:
+        prices = self.cfg.prices.get(model) or {}
+        cost = ((usage.get("prompt_tokens") or 0) * prices.get("input", 0.0)
+                + (usage.get("completion_tokens") or 0) * prices.get("output", 0.0)) / 1e6
+        return {"answered_by": model, "reason": decision.reason, "policy": decision.policy,
+                "confidence": decision.confidence, "threshold": decision.threshold,
+                "signals": None if signals is None else {"agreement": signals.agreement,
+                                                         "token_confidence": signals.token_confidence,
+                                                         "answers": list(signals.answers)},
+                "details": decision.details, "tokens": usage, "estimated_cost_usd": cost,
+                "latency_ms": round(1000 * (time.perf_counter() - started), 1)}
+
+    def _record(self, model: str, decision: Decision, usage: dict, started: float) -> None:
+        self.m_requests.inc(tags={"model": model, "route": decision.policy})
+        self.m_latency.observe(1000 * (time.perf_counter() - started), tags={"path": model})
+        for kind in ("prompt_tokens", "completion_tokens"):
+            if usage.get(kind):
+                self.m_tokens.inc(usage[kind], tags={"model": model, "kind": kind})
+
+    def _reply(self, req, model: str, text: str, usage: dict, decision: Decision, signals: Signals | None, started: float):
+        meta = self._meta(model, decision, signals, usage, started)
+        self._record(model, decision, usage, started)
+        if meta["estimated_cost_usd"]:
+            self.m_cost.inc(meta["estimated_cost_usd"], tags={"model": model})
+        logger.info(json.dumps({"event": "cotd.request", "model": req["model"], **{k: meta[k] for k in (
+            "answered_by", "reason", "policy", "confidence", "threshold", "tokens", "estimated_cost_usd", "latency_ms")}}))
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if req["stream"]:
+            # the answer is chosen already: it streams now, in pieces, with the metadata last
+            async def events():
+                for i in range(0, len(text), 16):
+                    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req["model"],
+                             "choices": [{"index": 0, "delta": ({"role": "assistant"} if i == 0 else {}) | {"content": text[i:i + 16]},
+                                          "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                end = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req["model"],
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "cotd": meta}
+                yield f"data: {json.dumps(end)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": req["model"],
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                             "usage": usage, "cotd": meta})
+
+
+def signal_for(signals: Signals, policy) -> float | None:
+    return signals.agreement if policy.signal == "agreement" else signals.token_confidence
+
+
+async def endpoint_chat(endpoint: dict[str, Any], messages, max_tokens: int, temperature: float) -> dict[str, Any]:
+    """A chat completion from an OpenAI-compatible endpoint, with retries on connection errors,
+    429 and 5xx (the router's own timeout bounds the whole call)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {endpoint['api_key']}"} if endpoint.get("api_key") else {}
+    payload = {"model": endpoint["model"], "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+    last = "no attempt"
+    async with httpx.AsyncClient(timeout=endpoint["timeout_s"]) as client:
+        for attempt in range(endpoint["retries"] + 1):
+            try:
+                r = await client.post(endpoint["base_url"].rstrip("/") + "/chat/completions", json=payload, headers=headers)
+                if r.status_code < 400:
+                    return r.json()
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code not in (429,) and r.status_code < 500:
+                    break
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            await asyncio.sleep(min(2.0, 0.25 * 2 ** attempt))
+    raise HTTPError(502, f"the teacher endpoint failed: {last}", "server_error")
+
+
+# --- building the application ----------------------------------------------------------------------
+
+def build_app(cfg: ServeConfig, log=lambda *_: None):
+    """The Serve application: the router bound to the student's (and the teacher's) deployment."""
+    from ray import serve
+    from ray.serve.llm import build_llm_deployment
+
+    from jobs.common.runs import read_json
+
+    student = resolve_spec(cfg.student, log)
+    teacher = resolve_spec(cfg.teacher, log)
+    calibration = read_json(cfg.policy.calibration) if cfg.policy.calibration else None
+    from jobs.common.config import to_dict
+
+    router_cfg = {"serve": to_dict(cfg), "student_prompt": student["prompt"], "teacher_prompt": teacher["prompt"],
+                  "student_path": student["path"], "calibration": calibration}
+    student_app = build_llm_deployment(llm_config(cfg.student, STUDENT_ID, student["path"]), name_prefix="student:")
+    teacher_app = None
+    if cfg.teacher.base_url:
+        router_cfg["teacher_endpoint"] = {"base_url": cfg.teacher.base_url, "model": teacher["served_model"],
+                                          "api_key": os.environ.get(cfg.teacher.api_key_env),
+                                          "timeout_s": cfg.teacher.timeout_s, "retries": cfg.teacher.retries}
+    else:
+        teacher_app = build_llm_deployment(llm_config(cfg.teacher, TEACHER_ID, teacher["path"]), name_prefix="teacher:")
+    s = cfg.router_scaling
+    actor: dict[str, Any] = {"num_cpus": s.cpus}
+    if cfg.api_key_env:
+        # read here, where `cotd serve` runs, and handed to the router's replicas in their environment
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            from jobs.common.errors import CotdError
+
+            raise CotdError(f"api_key_env: the variable {cfg.api_key_env} is not set (clients must send its value as "
+                            "a Bearer token); set it, or leave api_key_env out for an open server")
+        actor["runtime_env"] = {"env_vars": {cfg.api_key_env: key}}
+    router = serve.deployment(serve.ingress(fastapi_app)(HybridRouter), name="router",
+                              ray_actor_options=actor, **s.deployment_config())
+    return router.bind(router_cfg, student_app, teacher_app)
+
+
+def build(args: dict[str, Any]):
+    """The application builder `serve deploy` imports: args {config: FILE, overrides: [key=value]}."""
+    from jobs.common.config import load_config
+
+    cfg = load_config(ServeConfig, args.get("config"), list(args.get("overrides") or []))
+    return build_app(cfg)

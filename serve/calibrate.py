@@ -1,0 +1,178 @@
+"""Calibrating the router from an evaluation (`cotd serve calibrate`): the student's confidence and
+correctness on held-out problems, and the teacher's correctness on the same ones, give each
+policy's threshold for a stated target (a share of the teacher's accuracy, or an escalation
+budget), the learned router's weights, and the per-category statistics drift is measured against.
+Pure functions over the evaluation's items (jobs.common.schemas.ITEM_SCHEMA rows); no Ray.
+
+    cotd serve calibrate --items runs/q1/eval/items --out runs/q1/router.json --target-share 0.95
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from jobs.evaluate import metrics as M
+from serve.policies import Signals, decide, features
+
+SIGNALS = ("agreement", "logprob")
+
+
+def signals_of(item: dict[str, Any]) -> Signals:
+    lp = item.get("mean_logprob")
+    return Signals(question=item.get("question") or "", category=item.get("category"),
+                   agreement=item.get("agreement"), token_confidence=None if lp is None else math.exp(lp))
+
+
+def pairs(items: list[dict[str, Any]], student: str = "student", teacher: str = "teacher") -> list[tuple[dict, dict]]:
+    """(student item, teacher item) on the same held-out problems."""
+    held = [i for i in items if i.get("suite_kind") in (None, "held_out")]
+    t = {(i["suite"], i["problem_id"]): i for i in held if i["target"] == teacher}
+    return [(s, t[(s["suite"], s["problem_id"])]) for s in held if s["target"] == student and (s["suite"], s["problem_id"]) in t]
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
+    """L2-regularized logistic regression by Newton's method (the bias, column 0, unpenalized)."""
+    w = np.zeros(x.shape[1])
+    penalty = np.full(x.shape[1], l2)
+    penalty[0] = 0.0
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) + penalty * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(x.shape[1])
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def _target(floor_share: float | None, budget: float | None, teacher_acc: float) -> dict[str, float | None]:
+    return {"floor": None if floor_share is None else floor_share * teacher_acc, "budget": budget}
+
+
+def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, budget: float | None = None,
+              student: str = "student", teacher: str = "teacher") -> dict[str, Any]:
+    """Thresholds for each confidence signal and the learned router, calibrated on `items`, plus
+    the statistics drift is measured against. `target_share`: the router must reach this share of
+    the teacher's accuracy with as few escalations as it can; `budget`: the best accuracy within
+    this share of escalated queries (one of the two)."""
+    if (target_share is None) == (budget is None):
+        raise ValueError("calibrate to exactly one target: target_share or budget")
+    matched = pairs(items, student, teacher)
+    if not matched:
+        raise ValueError(f"no held-out problem was answered by both {student!r} and {teacher!r}")
+    sc = np.array([bool(s["correct"]) for s, _ in matched])
+    tc = np.array([bool(t["correct"]) for _, t in matched])
+    target = _target(target_share, budget, float(tc.mean()))
+    out: dict[str, Any] = {"n": len(matched), "student_accuracy": float(sc.mean()), "teacher_accuracy": float(tc.mean()),
+                           "target": {"share": target_share, "budget": budget, "floor": target["floor"]},
+                           "thresholds": {}, "learned": None}
+    sigs = [signals_of(s) for s, _ in matched]
+    for signal in SIGNALS:
+        conf = [s.agreement if signal == "agreement" else s.token_confidence for s in sigs]
+        if any(c is None for c in conf):
+            continue
+        t = M.threshold_for(conf, sc, tc, floor=target["floor"], budget=budget)
+        if t is not None:
+            out["thresholds"][signal] = t
+    categories = sorted({s.category for s in sigs if s.category})
+    x = np.array([features(s, categories) for s in sigs])
+    weights = fit_logistic(x, sc.astype(float))
+    p = 1 / (1 + np.exp(-np.clip(x @ weights, -30, 30)))
+    t = M.threshold_for(p, sc, tc, floor=target["floor"], budget=budget)
+    if t is not None:
+        out["learned"] = {"weights": weights.tolist(), "categories": categories, "threshold": t["threshold"],
+                          "rate": t["rate"], "accuracy": t["accuracy"],
+                          "features": ["bias", "agreement", "token_confidence", "question_kchars"]
+                          + [f"category={c}" for c in categories]}
+    out["by_category"] = category_stats(matched, out)
+    return out
+
+
+def category_stats(matched: list[tuple[dict, dict]], calibration: dict[str, Any]) -> dict[str, Any]:
+    """Per category: the student's mean confidence per signal, and the share each calibrated
+    threshold escalates: what drift is measured against."""
+    out: dict[str, Any] = {}
+    for s, _ in matched:
+        c = out.setdefault(s["category"] or "?", {"n": 0, "confidence": {}, "escalated": {}})
+        c["n"] += 1
+        sig = signals_of(s)
+        for signal, t in calibration["thresholds"].items():
+            v = sig.agreement if signal == "agreement" else sig.token_confidence
+            c["confidence"][signal] = c["confidence"].get(signal, 0.0) + v
+            c["escalated"][signal] = c["escalated"].get(signal, 0) + (v < t["threshold"])
+    for c in out.values():
+        c["confidence"] = {k: v / c["n"] for k, v in c["confidence"].items()}
+        c["escalated"] = {k: v / c["n"] for k, v in c["escalated"].items()}
+    return out
+
+
+def split(matched: list[tuple[dict, dict]]) -> tuple[list, list]:
+    """Two halves of the problems by a hash of their ids: calibrate on one, measure on the other."""
+    a, b = [], []
+    for pair in matched:
+        key = f"{pair[0]['suite']}|{pair[0]['problem_id']}"
+        (a if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 0 else b).append(pair)
+    return a, b
+
+
+def route_all(calibration: dict[str, Any], matched: list[tuple[dict, dict]], kind: str, signal: str = "logprob") -> dict[str, Any]:
+    """What a policy does on held-out pairs: accuracy, share escalated (student answers when not)."""
+    threshold = (calibration["thresholds"].get(signal) or {}).get("threshold") if kind == "confidence" else None
+    if kind == "confidence" and threshold is None:
+        return {"accuracy": None, "escalated": None, "n": len(matched)}
+    right = escalated = 0
+    for s, t in matched:
+        d = decide(kind, signals_of(s), signal=signal, threshold=threshold, learned=calibration.get("learned"))
+        escalated += d.target == "teacher"
+        right += bool(t["correct"] if d.target == "teacher" else s["correct"])
+    n = len(matched)
+    return {"accuracy": right / n if n else None, "escalated": escalated / n if n else None, "n": n}
+
+
+def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, student: str = "student",
+                 teacher: str = "teacher") -> dict[str, Any]:
+    """Each policy calibrated on one half of the problems and measured on the other (both ways,
+    pooled): accuracy and escalation share, the always-student and always-teacher points, and
+    RouteLLM's summaries of each confidence signal's full curve (APGR, escalation for 50/80/95%
+    of the teacher's quality)."""
+    matched = pairs(items, student, teacher)
+    halves = split(matched)
+    policies = {"always_student": ("always_student", None), "always_teacher": ("always_teacher", None),
+                **{f"confidence:{s}": ("confidence", s) for s in SIGNALS}, "learned": ("learned", None)}
+    results: dict[str, Any] = {}
+    for name, (kind, signal) in policies.items():
+        right = escalated = n = 0
+        for fit_on, test_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+            if not fit_on or not test_on:
+                continue
+            try:
+                cal = calibrate([x for pair in fit_on for x in pair], target_share, None, student, teacher)
+            except ValueError:
+                continue
+            if kind == "learned" and cal["learned"] is None:
+                continue
+            r = route_all(cal, test_on, kind, signal or "logprob")
+            if r["accuracy"] is None:
+                continue
+            right += r["accuracy"] * r["n"]
+            escalated += r["escalated"] * r["n"]
+            n += r["n"]
+        results[name] = {"accuracy": right / n if n else None, "escalated": escalated / n if n else None, "n": n}
+    sc = [bool(s["correct"]) for s, _ in matched]
+    tc = [bool(t["correct"]) for _, t in matched]
+    weak, strong = (float(np.mean(sc)), float(np.mean(tc))) if matched else (0.0, 0.0)
+    curves = {}
+    for signal in SIGNALS:
+        conf = [signals_of(s).agreement if signal == "agreement" else signals_of(s).token_confidence for s, _ in matched]
+        if matched and all(c is not None for c in conf):
+            curve = M.escalation_curve(conf, sc, tc)
+            curves[signal] = {"curve": curve, "apgr": M.apgr(curve, weak, strong),
+                              "escalation_for_share": {str(x): M.calls_for_share(curve, weak, strong, x)
+                                                       for x in (0.5, 0.8, 0.95)}}
+    return {"n": len(matched), "student_accuracy": weak, "teacher_accuracy": strong, "target_share": target_share,
+            "policies": results, "curves": curves}

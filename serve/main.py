@@ -1,0 +1,104 @@
+"""Serve the student and the teacher behind one OpenAI-compatible endpoint, or calibrate its router.
+
+Run as:
+    cotd serve --config configs/serve/quickstart.yaml student=runs/q1/student teacher=qwen2.5-coder-1.5b-instruct
+    cotd serve calibrate --items runs/q1/eval/items --out runs/q1/router.json --target-share 0.95
+    serve deploy serve/hybrid.yaml          # the same application on a cluster, from a Serve config file
+
+`cotd serve` checks the config and the models, starts (or joins) Ray, runs the application under
+Ray Serve and waits; Ctrl-C stops it. `calibrate` fits the router's thresholds and its learned
+model on an evaluation's per-item results (`cotd eval` writes them to <eval>/items).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.common.progress import emit
+from serve.config import ServeConfig
+
+
+def start(cfg: ServeConfig, log=emit, blocking: bool = True) -> str:
+    """Run the application; returns its base URL (and with `blocking`, waits until Ctrl-C)."""
+    from ray import serve
+
+    from jobs.common.raycluster import init_ray
+    from serve.app import build_app
+
+    app = build_app(cfg, log)  # models resolved and checked before Ray starts
+    init_ray(cfg.ray, log=log)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    log(f"starting {cfg.name}: student, teacher and router deployments (the first start loads both engines)")
+    serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
+    wait_healthy(f"http://{'127.0.0.1' if cfg.host == '0.0.0.0' else cfg.host}:{cfg.port}/health")
+    url = f"http://{cfg.host}:{cfg.port}/v1"
+    log(f"serving at {url} (models cotd-hybrid, cotd-student, cotd-teacher); Ctrl-C stops it")
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
+
+
+def wait_healthy(url: str, timeout_s: float = 600) -> None:
+    """Until the router answers its health check (Serve's proxy may take a moment after the
+    deployments are up)."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the application did not answer {url} within {timeout_s:.0f}s")
+
+
+def main(cfg: ServeConfig, log=emit) -> dict[str, Any]:
+    return {"url": start(cfg, log=log)}
+
+
+def calibrate_main(argv: list[str], log=emit) -> int:
+    """`cotd serve calibrate`: thresholds and the learned router from an evaluation's items."""
+    from jobs.common.errors import DataError
+    from jobs.common.runs import check_dataset, read_dataset, write_json
+    from jobs.common.schemas import ITEM_SCHEMA
+    from serve.calibrate import calibrate, cost_quality
+
+    ap = argparse.ArgumentParser(prog="cotd serve calibrate", description=calibrate_main.__doc__)
+    ap.add_argument("--items", required=True, help="the items/ folder `cotd eval` wrote")
+    ap.add_argument("--out", required=True, help="where to write router.json")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--target-share", type=float, help="reach this share of the teacher's accuracy (default 0.95)")
+    group.add_argument("--budget", type=float, help="escalate at most this share of queries")
+    ap.add_argument("--student", default="student")
+    ap.add_argument("--teacher", default="teacher")
+    args = ap.parse_args(argv)
+    share = args.target_share if args.target_share is not None or args.budget is not None else 0.95
+    for name, value in (("--target-share", share), ("--budget", args.budget)):
+        if value is not None and not 0 < value <= 1:
+            raise DataError(f"{name} must be in (0, 1], got {value}")
+    check_dataset(Path(args.items), ITEM_SCHEMA.names, "--items", "cotd eval")
+    items = read_dataset(args.items).to_pylist()
+    try:
+        cal = calibrate(items, share if args.budget is None else None, args.budget, args.student, args.teacher)
+    except ValueError as e:
+        raise DataError(f"--items {args.items}: {e}") from None
+    cal["cost_quality"] = cost_quality(items, share or 0.95, args.student, args.teacher)
+    write_json(args.out, cal)
+    log(f"calibrated on {cal['n']} held-out problems: student {cal['student_accuracy']:.1%}, teacher "
+        f"{cal['teacher_accuracy']:.1%}")
+    for signal, t in cal["thresholds"].items():
+        log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}")
+    if cal["learned"]:
+        l = cal["learned"]
+        log(f"  learned: escalate below P(right) {l['threshold']:.4f} -> {l['rate']:.1%} escalated, accuracy {l['accuracy']:.1%}")
+    log(f"router: {args.out}")
+    return 0

@@ -1,0 +1,142 @@
+"""The hybrid server for real: ray.serve.llm deployments of the session's tiny student and of a
+tiny teacher (vLLM on CPU) behind cotd's router, called with the official `openai` client:
+routing metadata, streaming, escalation under each policy (chosen per request, which this
+deployment allows, so the engines start once), rules, the API key, bad requests, and a teacher
+whose replica is killed answered by the fallback within the timeout."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from jobs.common.config import build
+from serve.config import ServeConfig
+
+pytestmark = pytest.mark.integration
+PORT = 8765
+KEY = "sk-test-key"
+Q = [{"role": "user", "content": "What is 2 + 3? Think step by step."}]
+
+
+def serve_config(student_dir, teacher) -> ServeConfig:
+    engine = {"max_model_len": 1024, "gpu_memory_utilization": 0.1, "scaling": {"cpus": 1}}
+    data = {"student": {"run": str(student_dir), **engine, "timeout_s": 60},
+            "teacher": {"model": str(teacher), **engine, "timeout_s": 8},
+            "policy": {"kind": "confidence", "signal": "logprob", "threshold": 0.0},
+            "limits": {"max_tokens": 32, "max_prompt_tokens": 400}, "port": PORT, "name": "cotd-test",
+            "api_key_env": "COTD_TEST_SERVE_KEY", "allow_request_overrides": True}
+    return build(ServeConfig, data)
+
+
+@pytest.fixture(scope="module")
+def server(lora_run, tiny_model, ray_session):
+    import os
+
+    from ray import serve
+
+    from serve.main import start
+
+    student_dir, _, _ = lora_run
+    os.environ["COTD_TEST_SERVE_KEY"] = KEY
+
+    start(serve_config(student_dir, tiny_model), log=lambda *_: None, blocking=False)
+    yield
+    serve.shutdown()
+
+
+def client(key: str = KEY):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_gets_an_answer_with_routing_metadata(server):
+    c = client()
+    models = {m.id for m in c.models.list().data}
+    assert {"cotd-hybrid", "cotd-student", "cotd-teacher"} <= models
+    r = c.chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=16)
+    meta = r.model_extra["cotd"]
+    assert meta["answered_by"] == "student" and meta["reason"] == "confident" and meta["policy"] == "confidence"
+    assert 0 < meta["confidence"] <= 1 and meta["threshold"] == 0.0 and meta["tokens"]["completion_tokens"] > 0
+    assert isinstance(r.choices[0].message.content, str) and r.usage.completion_tokens == meta["tokens"]["completion_tokens"]
+    # the students's deployment and the teacher's, directly
+    assert client().chat.completions.create(model="cotd-teacher", messages=Q, max_tokens=8).model_extra["cotd"]["answered_by"] == "teacher"
+
+
+def test_streaming_delivers_the_chosen_answer_then_the_metadata(server):
+    chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=16, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    meta = [ch.model_extra["cotd"] for ch in chunks if ch.model_extra.get("cotd")]
+    assert text and len(meta) == 1 and meta[0]["answered_by"] == "student"
+    # a rule decides before the student is asked: the teacher's answer streams as it is written
+    chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=16, stream=True,
+                                                   extra_body={"cotd": {"high_stakes": True}}))
+    meta = [ch.model_extra["cotd"] for ch in chunks if ch.model_extra.get("cotd")]
+    assert meta[0]["answered_by"] == "teacher" and meta[0]["reason"] == "rule:high_stakes_flag"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
+def test_bad_requests_get_4xx_with_a_message(server):
+    url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url, content=b"{not json", timeout=30, headers=auth)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": Q, "max_tokens": 10_000}, timeout=30, headers=auth)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "word " * 2000}]}, timeout=30, headers=auth)
+    assert r.status_code == 400 and "prompt is" in r.json()["error"]["message"]  # refused before any engine
+    r = httpx.post(url, json={"messages": Q, "model": "nope"}, timeout=30, headers=auth)
+    assert r.status_code == 404
+    r = httpx.post(url, content=b"x" * (2 << 20), timeout=30, headers=auth)
+    assert r.status_code == 413
+    r = httpx.post(url, json={"messages": Q, "cotd": {"policy": {"kind": "coin"}}}, timeout=30, headers=auth)
+    assert r.status_code == 400 and "cotd.policy: kind: must be one of" in r.json()["error"]["message"]
+
+
+def ask(content=Q, **cotd):
+    return client().chat.completions.create(messages=content, model="cotd-hybrid", max_tokens=8,
+                                            extra_body={"cotd": cotd} if cotd else None).model_extra["cotd"]
+
+
+def test_each_policy_and_rule_routes_as_configured(server):
+    assert ask(policy={"kind": "always_teacher"})["answered_by"] == "teacher"
+    assert ask(policy={"kind": "always_student"})["answered_by"] == "student"
+    meta = ask(policy={"threshold": 1.01})  # no answer is that confident: the query escalates
+    assert (meta["answered_by"], meta["reason"]) == ("teacher", "below_threshold")
+    meta = ask(policy={"signal": "agreement", "samples": 3, "threshold": 0.0})
+    assert meta["answered_by"] == "student" and len(meta["signals"]["answers"]) == 3
+    assert meta["signals"]["agreement"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    meta = ask([{"role": "user", "content": "Check this contract."}], policy={"rules": {"keywords": ["contract"]}})
+    assert meta["reason"] == "rule:keyword" and meta["answered_by"] == "teacher"
+    assert ask(category="legal", policy={"rules": {"teacher_categories": ["legal"]}})["reason"] == "rule:category"
+
+
+def test_api_key_is_enforced(server):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        client("sk-wrong").chat.completions.create(messages=Q, model="cotd-hybrid", max_tokens=8)
+    r = httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=30)
+    assert r.status_code == 401
+
+
+def test_teacher_down_falls_back_within_the_timeout(server):
+    """Last: the teacher's replica is killed; until Serve brings it back, an escalated query gets
+    the student's answer, marked, within the teacher's timeout, or a 503 with fallback error."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA") and "teacher" in a["name"]]
+    assert names, "no teacher replica to kill"
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+    t0 = time.time()
+    meta = ask(policy={"kind": "always_teacher"})
+    assert time.time() - t0 < 30  # never a hang
+    assert (meta["answered_by"], meta["reason"]) == ("student", "fallback:teacher_unavailable")
+    assert meta["details"]["escalation_reason"] == "always_teacher"
+    r = httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": Q, "max_tokens": 8, "cotd": {"policy": {"kind": "always_teacher"}, "fallback": "error"}},
+                   timeout=60)
+    assert r.status_code == 503 and "teacher" in r.json()["error"]["message"]

@@ -1,0 +1,128 @@
+"""The evaluation's numbers on crafted predictions, against hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from jobs.evaluate import metrics as M
+
+
+def test_wilson_interval_matches_the_formula():
+    # 7 of 10 at 95%: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.959964
+    z, n, p = 1.959964, 10, 0.7
+    centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = M.wilson(7, 10)
+    assert lo == pytest.approx((centre - half) / (1 + z * z / n), abs=1e-4)
+    assert hi == pytest.approx((centre + half) / (1 + z * z / n), abs=1e-4)
+    assert M.wilson(0, 0) is None
+    lo, hi = M.wilson(0, 20)
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.1 < hi < 0.2  # never a zero-width interval at 0
+    assert M.accuracy([True, False, True, True]) == {"n": 4, "correct": 3, "accuracy": 0.75, "ci": M.wilson(3, 4)}
+
+
+def test_mcnemar_counts_discordant_pairs_and_tests_them_exactly():
+    a = [True] * 8 + [False] * 2 + [True] * 5
+    b = [False] * 8 + [True] * 2 + [True] * 5
+    out = M.mcnemar(a, b)
+    assert (out["only_a"], out["only_b"]) == (8, 2)
+    # two-sided exact binomial: 2 * P(X <= 2 | n=10, p=.5) = 2 * (1 + 10 + 45) / 1024
+    assert out["p_value"] == pytest.approx(2 * 56 / 1024)
+    assert M.mcnemar([True, False], [True, False])["p_value"] == 1.0
+
+
+def test_recovery_is_a_ratio_of_paired_accuracies_with_a_bootstrap_interval():
+    teacher = [True] * 8 + [False] * 2
+    student = [True] * 4 + [False] * 4 + [True, False]
+    r = M.recovery(student, teacher, samples=4000, seed=1)
+    assert r["value"] == pytest.approx(5 / 8) and r["n"] == 10
+    lo, hi = r["ci"]
+    assert lo < 5 / 8 < hi and 0 <= lo and hi <= 1.5
+    # the same seed gives the same interval; a resample where the teacher got nothing right is dropped
+    assert M.recovery(student, teacher, samples=4000, seed=1)["ci"] == r["ci"]
+    tiny = M.recovery([True, False], [False, True], samples=500, seed=0)
+    assert tiny["value"] == 1.0 and tiny["dropped"] > 0
+
+
+def test_gain_interval_excludes_zero_for_a_clear_paired_improvement():
+    base = [False] * 30 + [True] * 10
+    student = [True] * 25 + [False] * 5 + [True] * 10
+    g = M.gain(student, base, samples=4000, seed=0)
+    assert g["value"] == pytest.approx(25 / 40)
+    assert g["ci"][0] > 0 and g["mcnemar"]["only_a"] == 25 and g["mcnemar"]["p_value"] < 1e-6
+    with pytest.raises(ValueError, match="differ in length"):
+        M.gain([True], [True, False])
+
+
+def test_unpaired_difference():
+    d = M.unpaired_difference([True] * 9 + [False], [True] * 5 + [False] * 5, samples=3000, seed=2)
+    assert d["value"] == pytest.approx(0.4) and d["ci"][0] < 0.4 < d["ci"][1] and d["n"] == [10, 10]
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (4, 0, 1, 0.0), (4, 4, 4, 1.0), (4, 1, 1, 0.25), (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    (5, 2, 3, 1 - 1 / 10),  # 1 - C(3,3)/C(5,3)
+    (4, 2, 3, 1.0),  # fewer wrong samples than k: certain
+])
+def test_pass_at_k(n, c, k, expected):
+    assert M.pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        M.pass_at_k(2, 1, 3)
+
+
+def test_agreement_is_the_largest_groups_share():
+    assert M.agreement([0, 0, 1, 0]) == 0.75
+    assert M.agreement([0, 1, 2, 3]) == 0.25
+    assert M.agreement([]) == 0.0
+
+
+def test_reliability_bins_and_ece():
+    conf = [0.05, 0.15, 0.95, 0.95, 0.55, 0.55]
+    correct = [False, False, True, False, True, True]
+    r = M.reliability(conf, correct, bins=10)
+    by_low = {round(b["low"], 1): b for b in r["bins"]}
+    assert set(by_low) == {0.0, 0.1, 0.5, 0.9}
+    assert by_low[0.9]["accuracy"] == 0.5 and by_low[0.9]["n"] == 2
+    # ECE = sum_b (n_b / N) |acc_b - conf_b| = (1*.05 + 1*.15 + 2*.45 + 2*.45) / 6
+    assert r["ece"] == pytest.approx((0.05 + 0.15 + 0.9 + 0.9) / 6)
+    assert M.reliability([], [])["ece"] is None
+    assert M.reliability([1.0], [True], bins=10)["bins"][0]["high"] == 1.0  # confidence 1 lands in the last bin
+
+
+def test_escalation_curve_sends_the_least_confident_to_the_teacher():
+    conf = [0.9, 0.1, 0.5, 0.3]
+    student = [True, False, True, False]
+    teacher = [True, True, False, True]
+    curve = M.escalation_curve(conf, student, teacher, rates=[0, 0.25, 0.5, 0.75, 1.0])
+    # order by confidence: item1 (0.1), item3 (0.3), item2 (0.5), item0 (0.9)
+    assert [c["accuracy"] for c in curve] == [0.5, 0.75, 1.0, 0.75, 0.75]
+    assert [c["escalated"] for c in curve] == [0, 1, 2, 3, 4]
+
+
+def test_threshold_is_calibrated_to_a_floor_or_a_budget():
+    conf = [0.9, 0.1, 0.5, 0.3]
+    student = [True, False, True, False]
+    teacher = [True, True, False, True]
+    t = M.threshold_for(conf, student, teacher, floor=1.0)
+    assert t["rate"] == 0.5 and t["accuracy"] == 1.0 and 0.3 < t["threshold"] < 0.5
+    # escalating below the threshold sends exactly the two least confident items
+    assert sum(c < t["threshold"] for c in conf) == 2
+    b = M.threshold_for(conf, student, teacher, budget=0.25)
+    assert b["rate"] == 0.25 and b["accuracy"] == 0.75
+    assert M.threshold_for(conf, student, [False] * 4, floor=0.9) is None
+
+
+def test_apgr_and_calls_for_share():
+    # a perfect router: the gap closes linearly from weak (0.5) to strong (1.0) at half the calls, then flat
+    curve = [{"rate": 0.0, "accuracy": 0.5}, {"rate": 0.5, "accuracy": 1.0}, {"rate": 1.0, "accuracy": 1.0}]
+    assert M.apgr(curve, 0.5, 1.0) == pytest.approx(0.75)  # 0.5*0.5 + 0.5*1
+    assert M.calls_for_share(curve, 0.5, 1.0, 0.95) == 0.5
+    assert M.calls_for_share(curve, 0.5, 1.0, 0.0) == 0.0
+    assert M.apgr(curve, 0.7, 0.7) is None
+    random = [{"rate": r, "accuracy": 0.5 + 0.5 * r} for r in np.linspace(0, 1, 11)]
+    assert M.apgr(random, 0.5, 1.0) == pytest.approx(0.5)  # a random router recovers half on average

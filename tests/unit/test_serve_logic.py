@@ -1,0 +1,211 @@
+"""The router's pure parts: rules, policies, calibration to a stated target, request checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from jobs.common.config import ConfigError, build
+from serve.calibrate import calibrate, cost_quality, fit_logistic, pairs
+from serve.config import LimitsConfig, ModelSpec, PolicyConfig, RuleConfig, ServeConfig
+from serve.policies import STUDENT, TEACHER, Signals, decide, features, predict_correct, rule_decision
+
+
+def test_rules_send_high_stakes_queries_to_the_teacher_before_the_student_is_asked():
+    rules = RuleConfig(teacher_categories=["legal"], keywords=["contract", "dosage"])
+    assert rule_decision("What is 2+2?", None, False, rules) is None
+    assert rule_decision("What is 2+2?", None, True, rules).reason == "rule:high_stakes_flag"
+    assert rule_decision("Is this fine?", "legal", False, rules).reason == "rule:category"
+    d = rule_decision("Review this CONTRACT clause", None, False, rules)
+    assert d.target == TEACHER and d.details == {"keyword": "contract"}
+    assert rule_decision("contractual?", None, False, rules) is None  # whole words only
+    assert rule_decision("x", None, True, RuleConfig(honor_flag=False)) is None
+
+
+def test_confidence_policies_compare_the_chosen_signal_with_the_threshold():
+    s = Signals(question="q", agreement=0.75, token_confidence=0.4)
+    assert decide("confidence", s, signal="agreement", threshold=0.6).target == STUDENT
+    d = decide("confidence", s, signal="logprob", threshold=0.6)
+    assert (d.target, d.reason, d.confidence, d.threshold) == (TEACHER, "below_threshold", 0.4, 0.6)
+    assert decide("confidence", Signals(question="q"), signal="agreement", threshold=0.5).target == TEACHER
+    assert decide("always_student", s).target == STUDENT and decide("always_teacher", s).target == TEACHER
+    with pytest.raises(ValueError, match="unknown policy"):
+        decide("coin_flip", s)
+
+
+def test_learned_policy_thresholds_its_predicted_probability():
+    learned = {"weights": [0.0, 0.0, 4.0, 0.0, 0.0], "categories": ["math"], "threshold": 0.6}
+    right = Signals(question="q", category="math", token_confidence=0.9)
+    wrong = Signals(question="q", category="math", token_confidence=0.0)
+    assert predict_correct(learned["weights"], features(right, ["math"])) == pytest.approx(1 / (1 + math.exp(-3.6)))
+    assert decide("learned", right, learned=learned).target == STUDENT
+    assert decide("learned", wrong, learned=learned).reason == "predicted_wrong"
+
+
+def items(n=40):
+    """Crafted evaluation items: the student is right exactly when its token confidence is high,
+    the teacher is right on 90% of the problems."""
+    out = []
+    for i in range(n):
+        conf = (i + 0.5) / n
+        s_right = conf > 0.5
+        t_right = i % 10 != 0
+        for target, right, lp in (("student", s_right, math.log(conf)), ("teacher", t_right, -0.1)):
+            out.append({"target": target, "suite": "held", "suite_kind": "held_out", "problem_id": f"p{i}",
+                        "category": "math" if i % 2 else "logic", "question": f"question {i}", "correct": right,
+                        "mean_logprob": lp, "agreement": conf})
+    return out
+
+
+def test_calibration_reaches_a_stated_share_of_the_teacher_with_the_fewest_escalations():
+    cal = calibrate(items(), target_share=0.95)
+    assert cal["n"] == 40 and cal["student_accuracy"] == 0.5 and cal["teacher_accuracy"] == 0.9
+    t = cal["thresholds"]["logprob"]
+    # the 20 least confident go to the teacher (right on 18 of them), the rest the student gets right:
+    # 38/40 = 0.95 >= 0.95 * 0.9; escalating fewer than 20 would leave wrong student answers
+    assert t["accuracy"] >= 0.95 * 0.9 and t["rate"] <= 0.5
+    assert sum(math.exp(i["mean_logprob"]) < t["threshold"] for i in items() if i["target"] == "student") == round(t["rate"] * 40)
+    assert cal["learned"] is not None and cal["learned"]["accuracy"] >= 0.95 * 0.9
+    assert set(cal["by_category"]) == {"math", "logic"}
+    budget = calibrate(items(), target_share=None, budget=0.25)
+    assert budget["thresholds"]["logprob"]["rate"] <= 0.25
+    with pytest.raises(ValueError, match="exactly one target"):
+        calibrate(items(), target_share=0.9, budget=0.2)
+    with pytest.raises(ValueError, match="no held-out problem was answered by both"):
+        calibrate([i for i in items() if i["target"] == "student"])
+
+
+def test_cost_quality_is_measured_on_problems_the_thresholds_were_not_fitted_on():
+    cq = cost_quality(items(80), target_share=0.95)
+    pol = cq["policies"]
+    assert pol["always_student"] == {"accuracy": 0.5, "escalated": 0.0, "n": 80}
+    assert pol["always_teacher"]["escalated"] == 1.0 and pol["always_teacher"]["accuracy"] == 0.9
+    assert pol["confidence:logprob"]["accuracy"] >= 0.75 and pol["confidence:logprob"]["escalated"] < 0.7
+    assert cq["curves"]["logprob"]["apgr"] > 0.75  # a perfectly informative signal (0.81 in the limit here)
+    assert len(pairs(items(80))) == 80
+
+
+def test_logistic_fit_separates_a_separable_signal():
+    import numpy as np
+
+    x = np.array([[1.0, v] for v in np.linspace(0, 1, 50)])
+    y = (x[:, 1] > 0.5).astype(float)
+    w = fit_logistic(x, y, l2=0.01)
+    assert w[1] > 5 and 1 / (1 + np.exp(-(w[0] + w[1] * 0.9))) > 0.9
+
+
+def test_serve_config_checks_its_keys():
+    ok = build(ServeConfig, {"student": "some-model", "teacher": "other-model"})
+    assert ok.student.model == "some-model" and ok.teacher.model == "other-model"  # strings are model references
+    with pytest.raises(ConfigError, match="set exactly one of model, run and base_url"):
+        build(ServeConfig, {"student": {"model": "a", "run": "b"}, "teacher": "t"})
+    with pytest.raises(ConfigError, match="not behind base_url"):
+        build(ServeConfig, {"student": {"base_url": "http://x/v1", "served_model": "s"}, "teacher": "t"})
+    with pytest.raises(ConfigError, match="policy kind learned needs calibration"):
+        build(ServeConfig, {"student": "s", "teacher": "t", "policy": {"kind": "learned"}})
+    assert isinstance(PolicyConfig(threshold=0.5), PolicyConfig) and isinstance(ModelSpec(model="m"), ModelSpec)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ([], 400, "must be a JSON object"),
+    ({"messages": []}, 400, "non-empty list"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, r"messages\[0\] must be"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "last message must be the user"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model 'gpt-9' is not served"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens must be an integer from 1 to 512"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n must be 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "cotd": "yes"}, 400, "'cotd' must be an object"),
+])
+def test_bad_requests_are_refused_with_a_clear_status(body, status, message):
+    from serve.app import HTTPError, check_request
+
+    with pytest.raises(HTTPError, match=message) as e:
+        check_request(body, LimitsConfig(), {"cotd-hybrid", "cotd-student", "cotd-teacher"})
+    assert e.value.status == status
+
+
+def test_a_good_request_is_read():
+    from serve.app import check_request
+
+    req = check_request({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+                         "max_tokens": 32, "stream": True, "cotd": {"high_stakes": True, "category": "math"}},
+                        LimitsConfig(), {"cotd-hybrid"})
+    assert (req["model"], req["max_tokens"], req["stream"], req["high_stakes"], req["question"]) == (
+        "cotd-hybrid", 32, True, True, "2+2?")
+
+
+def test_the_student_is_prompted_as_it_was_trained():
+    from jobs.formats.cot import instruction
+    from serve.app import messages_for
+
+    msgs = messages_for([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+                        {"format": "post", "granularity": "coarse", "system": "You are a tutor."})
+    assert msgs[0]["role"] == "system" and msgs[0]["content"].startswith("You are a tutor. Be brief.")
+    assert msgs[0]["content"].endswith(instruction("post", "coarse")) and msgs[1:] == [{"role": "user", "content": "2+2?"}]
+
+
+def test_the_serve_deploy_file_validates_and_names_a_real_builder_and_config():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.common.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = ServeDeploySchema.parse_obj(yaml.safe_load((repo / "serve" / "hybrid.yaml").read_text()))
+    app = spec.applications[0]
+    module, _, attr = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    cfg = load_config(ServeConfig, repo / app.args["config"], app.args["overrides"])
+    assert cfg.student.run == "runs/quickstart/student" and cfg.policy.threshold is None
+
+
+def test_a_teacher_endpoint_is_retried_then_given_up_on():
+    """The hosted-teacher client: 5xx retried, then a clear error; a hanging endpoint bounded by
+    its timeout (the router's own timeout bounds the whole call too)."""
+    import asyncio
+    import json as _json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serve.app import HTTPError, endpoint_chat
+
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            calls.append(self.path)
+            body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body["model"] == "hang":
+                time.sleep(5)
+            code, reply = (503, {"error": "busy"}) if len(calls) == 1 else (
+                200, {"choices": [{"message": {"content": "4"}}], "usage": {"completion_tokens": 1}})
+            data = _json.dumps(reply).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        ep = {"base_url": base, "model": "big", "api_key": None, "timeout_s": 2, "retries": 2}
+        out = asyncio.run(endpoint_chat(ep, [{"role": "user", "content": "2+2"}], 4, 0.0))
+        assert out["choices"][0]["message"]["content"] == "4" and len(calls) == 2  # the 503 was retried
+        t0 = time.time()
+        with pytest.raises(HTTPError, match="the teacher endpoint failed: ReadTimeout"):
+            asyncio.run(endpoint_chat({**ep, "model": "hang", "retries": 0}, [{"role": "user", "content": "x"}], 4, 0.0))
+        assert time.time() - t0 < 5
+        with pytest.raises(HTTPError, match="the teacher endpoint failed: ConnectError"):
+            asyncio.run(endpoint_chat({**ep, "base_url": "http://127.0.0.1:9/v1", "retries": 1}, [{"role": "user", "content": "x"}], 4, 0.0))
+    finally:
+        srv.shutdown()
