@@ -8,6 +8,8 @@
     cotd run PIPELINE.yaml [key=value ...] [--address ADDR]
     cotd serve --config FILE [key=value ...]   the hybrid student/teacher server (OpenAI-compatible)
     cotd serve calibrate --items EVAL/items --out router.json [--target-share 0.95 | --budget 0.5]
+    cotd submit STAGE|run --config FILE [key=value ...] --address http://head:8265 [--follow]
+    cotd jobs list | logs ID | status ID | stop ID [--address ADDR]
     cotd models list | cotd models pull NAME [NAME ...]
     cotd tasks                      reasoning-gym tasks and the category each maps to
     cotd config STAGE               every key of a stage's config, with its default and meaning
@@ -53,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg.add_argument("stage", choices=sorted(STAGES))
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["submit"], ["jobs"]):
+        try:
+            from jobs.cluster.submit import main as cluster_main
+
+            return cluster_main(argv)
+        except CotdError as e:
+            print(f"cotd: error: {e}", file=sys.stderr)
+            return 2
     if argv[:2] == ["serve", "calibrate"]:
         try:
             from serve.main import calibrate_main

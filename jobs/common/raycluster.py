@@ -75,13 +75,17 @@ def init_ray(cfg: RayConfig, log=emit) -> str:
     # vLLM logs every engine step at INFO; our progress lines say what matters
     env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if address:
-        runtime_env = {"env_vars": env_vars}
+        # a driver started by the Jobs API (`cotd submit`) already runs in its job's runtime env,
+        # which carries these variables; Ray refuses a second one that names the same keys
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+        runtime_env = {} if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else {"env_vars": env_vars}
         if address.startswith("ray://"):
             # Ray Client from outside the cluster: ship the repository as the working_dir. A job
             # submitted with `ray job submit --working-dir .` already has it.
             runtime_env["working_dir"] = str(REPO_ROOT)
             runtime_env["excludes"] = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"]
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
         where = f"Ray cluster at {address}"
     else:
         for name, value in LOCAL_RAY_ENV.items():

@@ -39,7 +39,7 @@ def chain_text(kind: str, answer: str) -> str:
         sep = "\n" if kind == "method A" else "  \n"
         return sep.join(["Step 1: Method A. Read the expression and find the innermost operations first.",
                          "Step 2: Evaluate them from left to right, keeping the signs.",
-                         f"Step 3: Combine the partial results into the final value.", f"Answer: {answer}"])
+                         "Step 3: Combine the partial results into the final value.", f"Answer: {answer}"])
     if kind == "method B":
         return ("Step 1: Method B. Rewrite the whole sum as one running total.\n"
                 "Step 2: Add or subtract each number in turn, carefully.\n"

@@ -1,0 +1,101 @@
+"""`cotd submit` and `cotd jobs` through Ray's Jobs API, against a head node this test starts (its
+own Ray, with the dashboard's job server): a generation job against an HTTP teacher on loopback,
+its logs followed to the end, its status as the exit code, and the jobs listed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+# ports apart from any other Ray on this machine (a session's local Ray runs its own agents)
+GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 6391, 8271, 52391
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head node of its own (ports and temp dir apart from the session's local Ray)."""
+    temp = tmp_path_factory.mktemp("ray-head")
+    # the job's `python` is the one on the node's PATH: this environment's
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={GCS_PORT}",
+                             f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true", "--num-cpus=4",
+                             f"--dashboard-agent-listen-port={AGENT_PORT}", f"--dashboard-agent-grpc-port={AGENT_PORT + 1}",
+                             f"--metrics-export-port={AGENT_PORT + 2}", f"--runtime-env-agent-port={AGENT_PORT + 3}",
+                             f"--temp-dir={temp}", "--block", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/api/version", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "ray start --head ended"
+        time.sleep(1)
+    else:
+        raise AssertionError("the head node's job server did not come up")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def cotd(*args, timeout=600):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_submit_follow_list_and_refusals(head, tmp_path):
+    from test_http_teacher import TeacherServer
+
+    server = TeacherServer()
+    server.failed_once = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "run"
+    try:
+        sources = json.dumps([{"type": "jsonl", "path": str(tmp_path / "p.jsonl"), "category": "math"}])
+        (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"question": f"Calculate {a} + 4.", "answer": str(a + 4)})
+                                                    for a in range(3)) + "\n")
+        done = cotd("submit", "generate", "--config", "configs/generate/http-teacher.yaml", "--address", head,
+                    "--follow", "--id", "cotd-test-job", f"out_dir={out}", f"sources={sources}", "paths_per_problem=1",
+                    f"teacher.base_url=http://127.0.0.1:{server.server_address[1]}/v1", "teacher.qps=null")
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "submitted cotd-test-job: python -m jobs.generate --config configs/generate/http-teacher.yaml" in done.stdout
+    assert "accuracy" in done.stdout and "job cotd-test-job: SUCCEEDED" in done.stdout  # the followed logs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["chains"] == 3 and manifest["summary"]["accuracy"] == 1.0
+
+    listed = cotd("jobs", "list", "--address", head)
+    assert listed.returncode == 0 and "cotd-test-job" in listed.stdout and "SUCCEEDED" in listed.stdout
+    assert "generate" in listed.stdout
+    logs = cotd("jobs", "logs", "cotd-test-job", "--address", head)
+    assert logs.returncode == 0 and "chains:" in logs.stdout
+
+    # a job that fails exits non-zero with --follow; bad input is refused before anything is submitted
+    failed = cotd("submit", "generate", "--config", "configs/generate/http-teacher.yaml", "--address", head,
+                  "--follow", f"out_dir={tmp_path / 'bad'}", "sources=[{type: jsonl, path: /nope.jsonl}]")
+    assert failed.returncode == 1 and "FAILED" in failed.stdout
+    outside = tmp_path / "c.yaml"
+    outside.write_text("out_dir: x\n")
+    refused = cotd("submit", "generate", "--config", str(outside), "--address", head)
+    assert refused.returncode == 2 and "outside the repository" in refused.stderr
+    nowhere = cotd("jobs", "list", "--address", "http://127.0.0.1:9")
+    assert nowhere.returncode == 2 and "no Ray job server answers there" in nowhere.stderr
