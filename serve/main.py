@@ -28,8 +28,10 @@ def start(cfg: ServeConfig, log=emit, blocking: bool = True) -> str:
     from jobs.common.raycluster import init_ray
     from serve.app import build_app
 
-    app = build_app(cfg, log)  # models resolved and checked before Ray starts
+    # Ray first: building the deployments touches Ray, which would otherwise start a default local
+    # instance with one CPU per core, too few on a small machine for the student, teacher and router
     init_ray(cfg.ray, log=log)
+    app = build_app(cfg, log)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     log(f"starting {cfg.name}: student, teacher and router deployments (the first start loads both engines)")
     serve.run(app, name=cfg.name, route_prefix="/", blocking=False)

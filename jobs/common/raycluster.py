@@ -20,8 +20,11 @@ MIN_LOCAL_CPUS = 8
 # Ray Train's placement-group cleaner asks the state API every second whether the run's
 # controller still lives, and warns each time the API does not answer. The state API is served by
 # the dashboard, which a local cluster does without (it costs a small machine CPU), so every
-# training run would print that warning once a second; on a local cluster it is silenced.
-LOCAL_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# training run would print that warning once a second; on a local cluster it is silenced. Ray
+# Data's vLLM stage logs each finished batch at INFO, one line per 16 rows, which cotd's progress
+# lines already count; it keeps its warnings.
+LOCAL_QUIET_LOGGERS = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR",
+                       "ray.llm._internal.batch.stages.vllm_engine_stage": "WARNING"}
 # Ray settings of a local cluster, as environment variables (a user's own values win); an existing
 # cluster keeps its own. Both are measured in docs/benchmarks.md:
 # - Ray starts workers at nice 15, below its own daemons and the driver; on a small machine that
@@ -51,8 +54,8 @@ def quiet_local_workers() -> None:
     """Ray worker setup hook of a local cluster (see LOCAL_QUIET_LOGGERS)."""
     import logging
 
-    for name in LOCAL_QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, level in LOCAL_QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def init_ray_while(cfg: RayConfig, work: Callable[[], T], log=emit) -> T:

@@ -56,6 +56,30 @@ def build_model(cfg, model_path: str, dtype):
     return model
 
 
+# DeepSpeed compiles its CPU communication op (shm) on first use, under torch's build lock. A build
+# killed midway leaves the lock behind and every later run waits on it forever, silently. A lock
+# older than this, in a folder where nothing has been written for as long, is left from such a build.
+STALE_BUILD_LOCK_S = 600
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm", stale_s: float = STALE_BUILD_LOCK_S, log=print) -> bool:
+    """Remove torch's extension build lock of `name` when a killed build left it (see
+    STALE_BUILD_LOCK_S); True when one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    lock = folder / "lock"
+    try:
+        newest = max(f.stat().st_mtime for f in folder.iterdir())
+        if time.time() - newest < stale_s:
+            return False
+        lock.unlink()
+    except (FileNotFoundError, ValueError):
+        return False
+    log(f"removed a stale build lock left by a killed build: {lock}")
+    return True
+
+
 def build_engine(cfg, model_path: str, ds_config: dict[str, Any]):
     """The student (build_model, in the config's precision) under a DeepSpeed engine on `ds_config`
     (deepspeed_config's), its scheduler moved to the first step's iteration: (model, engine,
@@ -67,6 +91,8 @@ def build_engine(cfg, model_path: str, ds_config: dict[str, Any]):
     from jobs.train.config import FIRST_ITERATION
 
     model = build_model(cfg, model_path, torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
+    if not torch.cuda.is_available():
+        clear_stale_build_lock()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         dist_init_required=False)

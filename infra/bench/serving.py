@@ -1,9 +1,9 @@
 """The hybrid server under measurement, one local Serve application, three benchmarks.
 
 Run as:
-    .venv/bin/python infra/bench/serve.py overhead --student runs/quickstart/student --teacher smollm2-135m-instruct
-    .venv/bin/python infra/bench/serve.py load --student ... --teacher ... --concurrency 8 --seconds 60 --kill-at 20
-    .venv/bin/python infra/bench/serve.py quality --items runs/lab/qwen0.5b/eval/items --plot docs/router-cost-quality.png
+    .venv/bin/python infra/bench/serving.py overhead --student runs/quickstart/student --teacher smollm2-135m-instruct
+    .venv/bin/python infra/bench/serving.py load --student ... --teacher ... --concurrency 8 --seconds 60 --kill-at 20
+    .venv/bin/python infra/bench/serving.py quality --items runs/lab/qwen0.5b/eval/items --plot docs/router-cost-quality.png
 
 overhead  p50/p99 latency of the same one-token request through cotd's router (HTTP, the router,
           then the student deployment) and straight to the student deployment (a Serve handle call
@@ -44,10 +44,11 @@ def up(args, **over):
     from serve.config import ServeConfig
     from serve.main import start
 
-    engine = {"max_model_len": 1024, "gpu_memory_utilization": 0.1,
+    engine = {"max_model_len": 1024, "gpu_memory_utilization": args.memory,
               "scaling": {"cpus": 1, "min_replicas": args.replicas, "max_replicas": args.replicas}}
     data = {"student": {"run": args.student, **engine, "timeout_s": 60},
-            "teacher": {"model": args.teacher, **engine, "scaling": {"cpus": 1}},
+            "teacher": {"model": args.teacher, **engine, "gpu_memory_utilization": args.teacher_memory,
+                        "scaling": {"cpus": 1}},
             "policy": {"kind": "always_student"}, "port": PORT, "name": "cotd-bench", **over}
     start(build(ServeConfig, data), log=print, blocking=False)
 
@@ -193,6 +194,10 @@ def main() -> None:
         p.add_argument("--student", required=True, help="a cotd train run directory")
         p.add_argument("--teacher", required=True, help="a model reference")
         p.add_argument("--replicas", type=int, default=1, help="student replicas")
+        # on a CPU, the fraction of RAM an engine may use (weights, activations and KV cache): a
+        # 135M model fits in 0.1 of 24 GiB, a 0.5B student with its LoRA adapter needs about 0.2
+        p.add_argument("--memory", type=float, default=0.2, help="the student engine's memory fraction")
+        p.add_argument("--teacher-memory", type=float, default=0.1, help="the teacher engine's memory fraction")
     sub.choices["overhead"].add_argument("--requests", type=int, default=200)
     sub.choices["overhead"].add_argument("--warmup", type=int, default=20)
     lp = sub.choices["load"]
