@@ -209,6 +209,7 @@ class HybridRouter:
         self.teacher_endpoint = cfg.get("teacher_endpoint")
         self.student, self.teacher = student, teacher
         self.tokenizer = AutoTokenizer.from_pretrained(cfg["student_path"])
+        self.template_tokens = template_overhead(self._prompt_tokens, messages_for([], self.student_prompt)[0])
         self.calibration = cfg.get("calibration")
         p = self.cfg.policy
         self.threshold = p.threshold if p.threshold is not None else (
@@ -260,16 +261,23 @@ class HybridRouter:
                 raise HTTPError(400, f"the request body is not valid JSON: {e.msg} at character {e.pos}") from None
             req = check_request(body, self.cfg.limits, {HYBRID, STUDENT_ID, TEACHER_ID})
             req["policy"], req["fallback"], req["threshold"] = self._overrides(req.pop("overrides"))
-            prompt_tokens = len(self.tokenizer.apply_chat_template(messages_for(req["messages"], self.student_prompt),
-                                                                   tokenize=True, add_generation_prompt=True,
-                                                                   return_dict=False))
-            if prompt_tokens > self.cfg.limits.max_prompt_tokens:
+            req["student_messages"] = messages_for(req["messages"], self.student_prompt)
+            req["model_seconds"] = 0.0
+            limit = self.cfg.limits.max_prompt_tokens
+            # counting tokens costs a chat template and a tokenizer pass per request: only done
+            # when the bound from the prompt's bytes does not already prove the prompt fits
+            if prompt_token_bound(req["student_messages"], self.template_tokens) > limit and \
+                    (prompt_tokens := self._prompt_tokens(req["student_messages"])) > limit:
                 raise HTTPError(400, f"the prompt is {prompt_tokens} tokens; at most {self.cfg.limits.max_prompt_tokens} "
                                      "are accepted")
             return await self._answer(req, started)
         except HTTPError as e:
             self.m_errors.inc(tags={"status": str(e.status)})
             return error_response(e)
+
+    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                      return_dict=False))
 
     def _overrides(self, overrides: dict[str, Any]):
         """The request's policy, fallback and threshold: the config's, or the request's own where
@@ -336,13 +344,16 @@ class HybridRouter:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         temperature = req["temperature"] if k == 1 else max(req["temperature"], 0.7)
-        body = ChatCompletionRequest(model=STUDENT_ID, messages=messages_for(req["messages"], self.student_prompt),
+        body = ChatCompletionRequest(model=STUDENT_ID, messages=req["student_messages"],
                                      max_tokens=req["max_tokens"], temperature=temperature, n=k, logprobs=True,
                                      stream=False)
+        t0 = time.perf_counter()
         try:
             resp = await asyncio.wait_for(self._first(self.student, body), self.cfg.student.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPError(503, f"the student did not answer within {self.cfg.student.timeout_s:g}s", "server_error") from None
+        finally:
+            req["model_seconds"] += time.perf_counter() - t0
         choices = resp["choices"]
         texts = [c["message"].get("content") or "" for c in choices]
         answers, groups = answer_groups(texts, self.student_prompt["format"])
@@ -375,7 +386,11 @@ class HybridRouter:
         try:
             if req["stream"] and student is None and self.teacher is not None:
                 return await self._teacher_stream(req, messages, decision, started)
-            resp = await asyncio.wait_for(self._teacher_call(req, messages), self.cfg.teacher.timeout_s)
+            t0 = time.perf_counter()
+            try:
+                resp = await asyncio.wait_for(self._teacher_call(req, messages), self.cfg.teacher.timeout_s)
+            finally:
+                req["model_seconds"] += time.perf_counter() - t0
             text = resp["choices"][0]["message"].get("content") or ""
             return self._reply(req, TEACHER, text, resp.get("usage") or {}, decision, student[1] if student else None, started)
         except (asyncio.TimeoutError, HTTPError, OSError, RuntimeError) as e:
@@ -424,8 +439,12 @@ class HybridRouter:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # -- answers --
-    def _meta(self, model: str, decision: Decision, signals: Signals | None, usage: dict, started: float) -> dict[str, Any]:
+    def _meta(self, model: str, decision: Decision, signals: Signals | None, usage: dict, started: float,
+              model_seconds: float | None = None) -> dict[str, Any]:
+        """The response's `cotd` field. `router_ms`: the time spent in the router itself (the latency
+        less the time waiting for models), where the models' answers are complete."""
         prices = self.cfg.prices.get(model) or {}
+        elapsed = time.perf_counter() - started
         cost = ((usage.get("prompt_tokens") or 0) * prices.get("input", 0.0)
                 + (usage.get("completion_tokens") or 0) * prices.get("output", 0.0)) / 1e6
         return {"answered_by": model, "reason": decision.reason, "policy": decision.policy,
@@ -434,7 +453,8 @@ class HybridRouter:
                                                          "token_confidence": signals.token_confidence,
                                                          "answers": list(signals.answers)},
                 "details": decision.details, "tokens": usage, "estimated_cost_usd": cost,
-                "latency_ms": round(1000 * (time.perf_counter() - started), 1)}
+                "latency_ms": round(1000 * elapsed, 1),
+                "router_ms": None if model_seconds is None else round(1000 * (elapsed - model_seconds), 2)}
 
     def _record(self, model: str, decision: Decision, usage: dict, started: float) -> None:
         self.m_requests.inc(tags={"model": model, "route": decision.policy})
@@ -444,7 +464,7 @@ class HybridRouter:
                 self.m_tokens.inc(usage[kind], tags={"model": model, "kind": kind})
 
     def _reply(self, req, model: str, text: str, usage: dict, decision: Decision, signals: Signals | None, started: float):
-        meta = self._meta(model, decision, signals, usage, started)
+        meta = self._meta(model, decision, signals, usage, started, req["model_seconds"])
         self._record(model, decision, usage, started)
         if meta["estimated_cost_usd"]:
             self.m_cost.inc(meta["estimated_cost_usd"], tags={"model": model})
@@ -469,6 +489,27 @@ class HybridRouter:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": req["model"],
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                              "usage": usage, "cotd": meta})
+
+
+def template_overhead(count, head: dict[str, str]) -> tuple[int, int, int]:
+    """What the chat template adds around the messages' contents, measured once on the model's own
+    template: (tokens of the instruction and generation prompt with one empty user turn, tokens
+    each further empty turn adds, the instruction's bytes)."""
+    one = count([head, {"role": "user", "content": ""}])
+    three = count([head, {"role": "user", "content": ""}, {"role": "assistant", "content": ""},
+                   {"role": "user", "content": ""}])
+    return one, max(1, -(-(three - one) // 2)), len(head["content"].encode())
+
+
+def prompt_token_bound(messages: list[dict[str, str]], overhead: tuple[int, int, int]) -> int:
+    """An upper bound on the prompt's token count, without tokenizing: a byte-level or
+    byte-fallback tokenizer never makes more tokens of a text than it has UTF-8 bytes, plus one
+    for a word-start marker; the template adds `overhead` (the bare instruction counted exactly,
+    a client's system text merged into it counted by its bytes)."""
+    fixed, per, head_bytes = overhead
+    head, *rest = messages
+    system = max(0, len(head["content"].encode()) - head_bytes) + 1
+    return fixed + system + sum(len(m["content"].encode()) + per + 1 for m in rest)
 
 
 def signal_for(signals: Signals, policy) -> float | None:

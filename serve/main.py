@@ -67,12 +67,36 @@ def main(cfg: ServeConfig, log=emit) -> dict[str, Any]:
     return {"url": start(cfg, log=log)}
 
 
-def calibrate_main(argv: list[str], log=emit) -> int:
-    """`cotd serve calibrate`: thresholds and the learned router from an evaluation's items."""
+def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budget: float | None = None,
+                    student: str = "student", teacher: str = "teacher", log=emit) -> dict[str, Any]:
+    """Fit the router on an evaluation's items (thresholds per signal, the learned router, the
+    cost-quality points) and write router.json; returns it. `cotd serve calibrate` and `cotd run`."""
     from jobs.common.errors import DataError
     from jobs.common.runs import check_dataset, read_dataset, write_json
     from jobs.common.schemas import ITEM_SCHEMA
     from serve.calibrate import calibrate, cost_quality
+
+    check_dataset(items_dir, ITEM_SCHEMA.names, "--items", "cotd eval")
+    items = read_dataset(items_dir).to_pylist()
+    try:
+        cal = calibrate(items, share, budget, student, teacher)
+    except ValueError as e:
+        raise DataError(f"--items {items_dir}: {e}") from None
+    cal["cost_quality"] = cost_quality(items, share or 0.95, student, teacher)
+    write_json(out, cal)
+    log(f"calibrated on {cal['n']} held-out problems: student {cal['student_accuracy']:.1%}, teacher "
+        f"{cal['teacher_accuracy']:.1%}")
+    for signal, t in cal["thresholds"].items():
+        log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}")
+    if cal["learned"]:
+        l = cal["learned"]
+        log(f"  learned: escalate below P(right) {l['threshold']:.4f} -> {l['rate']:.1%} escalated, accuracy {l['accuracy']:.1%}")
+    return cal
+
+
+def calibrate_main(argv: list[str], log=emit) -> int:
+    """`cotd serve calibrate`: thresholds and the learned router from an evaluation's items."""
+    from jobs.common.errors import DataError
 
     ap = argparse.ArgumentParser(prog="cotd serve calibrate", description=calibrate_main.__doc__)
     ap.add_argument("--items", required=True, help="the items/ folder `cotd eval` wrote")
@@ -87,20 +111,7 @@ def calibrate_main(argv: list[str], log=emit) -> int:
     for name, value in (("--target-share", share), ("--budget", args.budget)):
         if value is not None and not 0 < value <= 1:
             raise DataError(f"{name} must be in (0, 1], got {value}")
-    check_dataset(Path(args.items), ITEM_SCHEMA.names, "--items", "cotd eval")
-    items = read_dataset(args.items).to_pylist()
-    try:
-        cal = calibrate(items, share if args.budget is None else None, args.budget, args.student, args.teacher)
-    except ValueError as e:
-        raise DataError(f"--items {args.items}: {e}") from None
-    cal["cost_quality"] = cost_quality(items, share or 0.95, args.student, args.teacher)
-    write_json(args.out, cal)
-    log(f"calibrated on {cal['n']} held-out problems: student {cal['student_accuracy']:.1%}, teacher "
-        f"{cal['teacher_accuracy']:.1%}")
-    for signal, t in cal["thresholds"].items():
-        log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}")
-    if cal["learned"]:
-        l = cal["learned"]
-        log(f"  learned: escalate below P(right) {l['threshold']:.4f} -> {l['rate']:.1%} escalated, accuracy {l['accuracy']:.1%}")
+    calibrate_items(Path(args.items), Path(args.out), share if args.budget is None else None, args.budget,
+                    args.student, args.teacher, log=log)
     log(f"router: {args.out}")
     return 0

@@ -68,6 +68,17 @@ def request_stage(llm: ModelConfig) -> dict[str, Any]:
     return {"compute": TaskPoolStrategy(size=stage_concurrency(llm)[1])}
 
 
+def replica_placement(llm: ModelConfig) -> dict[str, Any] | None:
+    """The placement group of one vLLM replica: a bundle per tensor-parallel rank, with the
+    replica's CPUs (on CPU) and custom resources; None on GPU without custom resources (Ray Data's
+    default GPU bundles)."""
+    if not llm.use_gpu:
+        return {"bundles": [{"CPU": llm.cpus_per_replica, **llm.replica_resources}] * llm.tensor_parallel_size}
+    if llm.replica_resources:
+        return {"bundles": [{"GPU": 1, "CPU": 1, **llm.replica_resources}] * llm.tensor_parallel_size}
+    return None
+
+
 def build_llm(llm: ModelConfig, sampling: SamplingConfig, model_path: str | None):
     """The ray.data.llm processor for a configured model."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
@@ -80,9 +91,6 @@ def build_llm(llm: ModelConfig, sampling: SamplingConfig, model_path: str | None
             max_retries=llm.max_retries, concurrency=llm.http_concurrency, batch_size=llm.batch_size)
         return build_processor(proc_cfg, preprocess=HTTPRequest(sampling, llm.served_model or llm.model, llm.seeds_to_engine()),
                                preprocess_map_kwargs=request_stage(llm))
-    placement = None
-    if not llm.use_gpu:
-        placement = {"bundles": [{"CPU": llm.cpus_per_replica}] * llm.tensor_parallel_size}
     proc_cfg = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=offline_engine_kwargs(llm),
@@ -90,7 +98,7 @@ def build_llm(llm: ModelConfig, sampling: SamplingConfig, model_path: str | None
         batch_size=llm.batch_size,
         max_concurrent_batches=llm.max_concurrent_batches,
         accelerator_type=llm.accelerator_type,
-        placement_group_config=placement,
+        placement_group_config=replica_placement(llm),
         should_continue_on_error=True,
         runtime_env={"env_vars": cpu_binding_env(llm)} if cpu_binding_env(llm) else None,
         log_engine_metrics=llm.engine_metrics,

@@ -27,6 +27,9 @@ class ModelConfig:
     use_gpu: bool = doc("run replicas on GPUs (false: vLLM on CPU)", False)
     accelerator_type: str | None = doc("Ray accelerator type to schedule on, e.g. H100 (GPU only)", None)
     cpus_per_replica: int = doc("CPUs reserved per CPU replica", 1)
+    replica_resources: dict[str, float] = doc(
+        "custom Ray resources each replica reserves beside its CPUs or GPUs, e.g. {teacher_node: 1} to keep "
+        "replicas on the nodes started with that resource (`ray start --resources`)", {})
     dtype: str = doc(
         "weights and activations dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 arithmetic "
         "(AVX512-BF16 or AMX), float32 on other CPUs, where vLLM's bf16 runs about 10x slower", "auto")
@@ -70,6 +73,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name, amount in self.replica_resources.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"replica_resources: {name} is set by cpus_per_replica, use_gpu and "
+                                 "tensor_parallel_size, not here")
+            if not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"replica_resources.{name} must be a number > 0, got {amount!r}")
 
     def seeds_to_engine(self) -> bool:
         return self.seeded == "always" or (self.seeded == "auto" and (self.use_gpu or self.backend == "openai"))

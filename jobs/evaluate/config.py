@@ -95,7 +95,10 @@ class EvalConfig:
                        "pass@k, majority@k and the agreement confidence (0: greedy only)", 0)
     logprobs: bool = doc("record each greedy answer's mean token log-probability (a confidence the router can use)", True)
     exclude: list[str] = doc("more datasets (chains or curated folders) the suites must not overlap", [])
-    allow_overlap: bool = doc("evaluate even when a suite's questions appear in the training data (not recommended)", False)
+    overlap: Literal["fail", "drop", "allow"] = doc(
+        "a suite's questions found in the training data: fail (stop before anything runs), drop (leave them out of "
+        "the suite, counted in the log; for tasks with few distinct problems), allow (evaluate them; not recommended)",
+        "fail")
     bootstrap: BootstrapConfig = doc("intervals", BootstrapConfig())
     examples: int = doc("example chains shown side by side in the report", 3)
     cache: str | None = doc("predictions folder shared across evaluations (null: <out_dir>/predictions); "

@@ -62,9 +62,7 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
         if t.adapter and not Path(t.adapter).is_dir():
             raise DataError(f"model {t.name!r}: adapter folder {t.adapter} does not exist")
     suites = {s.name: load_problems(s.sources) for s in cfg.suites}
-    compared = 0
-    if not cfg.allow_overlap:
-        compared = check_disjoint(suites, training)
+    suites, compared = check_disjoint(suites, training, cfg.overlap, log=log)
     log(f"evaluating {', '.join(t.name for t in targets)} on {sum(map(len, suites.values()))} problems in "
         f"{len(suites)} suite(s); held out from {compared} training questions")
 
@@ -256,13 +254,14 @@ def summary_table(report: dict[str, Any]) -> str:
     for s in report["suites"]:
         suite = s["name"]
         cats = sorted({c for m in report["models"].values() for c in m["suites"].get(suite, {}).get("by_category", {})})
-        head = f"{'suite ' + suite:<24}" + "".join(f"{c:>12}" for c in cats) + f"{'overall':>12}"
+        widths = [max(12, len(c) + 2) for c in cats]  # a long category name keeps a space before it
+        head = f"{'suite ' + suite:<24}" + "".join(f"{c:>{w}}" for c, w in zip(cats, widths)) + f"{'overall':>12}"
         lines += [head, "-" * len(head)]
         for name, m in report["models"].items():
             res = m["suites"].get(suite)
             if not res:
                 continue
-            cells = "".join(f"{_fmt(res['by_category'].get(c, {}).get('accuracy')):>12}" for c in cats)
+            cells = "".join(f"{_fmt(res['by_category'].get(c, {}).get('accuracy')):>{w}}" for c, w in zip(cats, widths))
             lines.append(f"{name:<24}{cells}{_fmt(res['overall']['accuracy']):>12}")
         comp = report["comparisons"].get(suite, {})
         if "recovery" in comp:

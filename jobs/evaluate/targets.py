@@ -176,16 +176,27 @@ def training_questions(folders: list[Path]) -> dict[str, str]:
     return seen
 
 
-def check_disjoint(suites: dict[str, list[Problem]], folders: list[Path]) -> int:
-    """DataError when any suite's question appears in the training data; returns how many training
-    questions were compared against."""
+def check_disjoint(suites: dict[str, list[Problem]], folders: list[Path], mode: str = "fail",
+                   log=lambda *_: None) -> tuple[dict[str, list[Problem]], int]:
+    """The suites without problems found in the training data, and how many training questions
+    were compared against. `mode` fail: DataError on any overlap; drop: such problems leave their
+    suite (each dropped count logged; DataError if a suite is left empty); allow: nothing checked."""
+    if mode == "allow":
+        return suites, 0
     seen = training_questions([f for f in folders if f.exists()])
+    kept: dict[str, list[Problem]] = {}
     for name, problems in suites.items():
         hits = [(p, seen[normalize_question(p.question)]) for p in problems if normalize_question(p.question) in seen]
-        if hits:
+        if hits and mode == "fail":
             p, where = hits[0]
             raise DataError(
                 f"suite {name!r}: {len(hits)} of {len(problems)} problems are in the training data ({where}), e.g. "
                 f"{p.id}: {p.question[:80]!r}. Held-out problems must be unseen: use other seeds, sizes or sources "
-                "(or allow_overlap: true to evaluate anyway).")
-    return len(seen)
+                "(or overlap: drop to leave those problems out, overlap: allow to evaluate anyway).")
+        hit_ids = {p.id for p, _ in hits}
+        kept[name] = [p for p in problems if p.id not in hit_ids]
+        if hits:
+            log(f"suite {name!r}: {len(hits)} of {len(problems)} problems are in the training data; left out (overlap: drop)")
+            if not kept[name]:
+                raise DataError(f"suite {name!r}: every one of its {len(problems)} problems is in the training data")
+    return kept, len(seen)

@@ -82,7 +82,24 @@ def run_stages(stages: Stages, log=emit) -> dict[str, Any]:
         done["train"] = train(tr, log=log)
     if stages.eval is not None:
         done["eval"] = evaluate(stages.eval, log=log)
+        done["router"] = calibrate_router(Path(stages.eval.out_dir), log)
     return done
+
+
+def calibrate_router(eval_dir: Path, log=emit) -> dict[str, Any] | None:
+    """The hybrid server's router fitted on the evaluation's held-out items (router.json beside
+    the report, for `cotd serve ... policy.calibration=`), or None where it cannot be (no held-out
+    problem answered by both teacher and student)."""
+    from jobs.common.errors import DataError
+    from serve.main import calibrate_items
+
+    out = eval_dir / "router.json"
+    try:
+        cal = calibrate_items(eval_dir / "items", out, log=log)
+    except DataError as e:
+        log(f"router: not calibrated ({e})")
+        return None
+    return {"path": str(out), "n": cal["n"], "thresholds": cal["thresholds"]}
 
 
 def main(cfg: PipelineConfig, log=emit) -> dict[str, Any]:
@@ -96,10 +113,11 @@ def main(cfg: PipelineConfig, log=emit) -> dict[str, Any]:
     text = summary(done)
     write_text(out / "summary.md", text)
     manifest = write_manifest(out, STAGE, cfg, to_dict(cfg), started,
-                              stages={name: m.get("wall_seconds") for name, m in done.items()},
+                              stages={name: m.get("wall_seconds") for name, m in done.items() if name != "router"},
                               summary=done["eval"]["summary"] if "eval" in done else None,
                               outputs={"summary.md": str(out / "summary.md"),
-                                       **({"report": str(Path(stages.eval.out_dir) / "report.html")} if stages.eval else {})})
+                                       **({"report": str(Path(stages.eval.out_dir) / "report.html")} if stages.eval else {}),
+                                       **({"router.json": done["router"]["path"]} if done.get("router") else {})})
     log("\n" + text)
     return manifest
 
@@ -118,6 +136,11 @@ def summary(done: dict[str, Any]) -> str:
         from jobs.evaluate.main import summary_table
 
         lines += ["", "```", summary_table(report), "```", "", f"report: {done['eval']['outputs']['report.html']}"]
+    if done.get("router"):
+        router, student = done["router"]["path"], Path(done["train"]["outputs"]["metrics.jsonl"]).parent
+        lines += [f"router: {router} (calibrated on {done['router']['n']} held-out problems); serve the student "
+                  f"with it:", f"  cotd serve --config configs/serve/quickstart.yaml student.run={student} "
+                  f"policy.calibration={router} policy.threshold=null"]
     return "\n".join(lines) + "\n"
 
 

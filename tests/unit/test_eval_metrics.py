@@ -126,3 +126,26 @@ def test_apgr_and_calls_for_share():
     assert M.apgr(curve, 0.7, 0.7) is None
     random = [{"rate": r, "accuracy": 0.5 + 0.5 * r} for r in np.linspace(0, 1, 11)]
     assert M.apgr(random, 0.5, 1.0) == pytest.approx(0.5)  # a random router recovers half on average
+
+
+def test_overlap_with_the_training_data_fails_or_is_dropped_as_configured(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.common.errors import DataError
+    from jobs.evaluate.targets import check_disjoint
+    from jobs.tasks.problem import Problem
+
+    chains = tmp_path / "chains"
+    chains.mkdir()
+    pq.write_table(pa.table({"question": ["Find the GCD of 90, 57.", "Find the GCD of 8, 12."]}), chains / "part-0.parquet")
+    mk = lambda i, q: Problem(f"p{i}", q, "1", "math", "default", "jsonl:x", "numeric", "{}")
+    suites = {"held_out": [mk(0, "find the GCD   of 90, 57."), mk(1, "Find the GCD of 7, 21.")]}
+    with pytest.raises(DataError, match=r"suite 'held_out': 1 of 2 problems are in the training data"):
+        check_disjoint(suites, [chains], "fail")
+    said = []
+    kept, compared = check_disjoint(suites, [chains], "drop", log=said.append)
+    assert [p.id for p in kept["held_out"]] == ["p1"] and compared == 2 and "1 of 2" in said[0]
+    assert check_disjoint(suites, [chains], "allow")[0] == suites
+    with pytest.raises(DataError, match="every one of its 1 problems"):
+        check_disjoint({"all": [mk(0, "Find the GCD of 8, 12.")]}, [chains], "drop")

@@ -194,3 +194,16 @@ def test_http_response_is_read():
                                             "usage": {"prompt_tokens": 7, "completion_tokens": 3}}}
     out = finish_rows([row], max_tokens=512)[0]
     assert (out["chain"], out["prompt_tokens"], out["output_tokens"], out["answer"]) == ("Answer: 1", 7, 3, "1")
+
+
+def test_replicas_reserve_their_cpus_and_custom_resources():
+    from jobs.common.batch import replica_placement
+
+    cpu = build(ModelConfig, {"model": "m", "cpus_per_replica": 2, "replica_resources": {"teacher_node": 1}})
+    assert replica_placement(cpu) == {"bundles": [{"CPU": 2, "teacher_node": 1}]}
+    gpu = build(ModelConfig, {"model": "m", "use_gpu": True, "tensor_parallel_size": 2, "replica_resources": {"big": 0.5}})
+    assert replica_placement(gpu) == {"bundles": [{"GPU": 1, "CPU": 1, "big": 0.5}] * 2}
+    assert replica_placement(build(ModelConfig, {"model": "m", "use_gpu": True})) is None
+    for bad, message in (({"CPU": 1}, "set by cpus_per_replica"), ({"slot": 0}, r"replica_resources.slot must be a number > 0")):
+        with pytest.raises(ConfigError, match=message):
+            build(ModelConfig, {"model": "m", "replica_resources": bad})

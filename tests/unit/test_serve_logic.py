@@ -209,3 +209,57 @@ def test_a_teacher_endpoint_is_retried_then_given_up_on():
             asyncio.run(endpoint_chat({**ep, "base_url": "http://127.0.0.1:9/v1", "retries": 1}, [{"role": "user", "content": "x"}], 4, 0.0))
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_the_prompt_bound_is_never_below_the_token_count(model):
+    """The router skips tokenizing a prompt whose byte bound fits the limit; that is only safe if
+    the bound holds for every chat, in the real templates of the packaged students."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from jobs.common.models import resolve
+    from serve.app import messages_for, prompt_token_bound, template_overhead
+
+    tok = AutoTokenizer.from_pretrained(resolve(model))
+    count = lambda m: len(tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=False))
+    prompt = {"format": "pre", "granularity": "coarse", "system": None}
+    overhead = template_overhead(count, messages_for([], prompt)[0])
+    rng = random.Random(0)
+    pieces = ["2 + 3", "  ", "\n\n", "é", "数学", "🙂", "<|im_start|>", "x" * 40, " - ", "1234567", "\t"]
+    for _ in range(120):
+        chat = [{"role": rng.choice(["user", "assistant"]), "content": "".join(rng.choices(pieces, k=rng.randint(0, 30)))}
+                for _ in range(rng.randint(1, 5))]
+        chat[-1]["role"] = "user"
+        if rng.random() < 0.3:
+            chat.insert(0, {"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(1, 10)))})
+        msgs = messages_for(chat, prompt)
+        assert prompt_token_bound(msgs, overhead) >= count(msgs), chat
+    # and it is tight enough to skip the count for an ordinary question
+    short = messages_for([{"role": "user", "content": "What is 12 * 7? Explain briefly."}], prompt)
+    assert prompt_token_bound(short, overhead) < count(short) + 80
+
+
+def test_the_pipeline_calibrates_the_router_from_its_evaluation(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from jobs.common.runs import PartWriter
+    from jobs.common.schemas import ITEM_SCHEMA
+    from jobs.pipeline.main import calibrate_router
+
+    rows = [{k: r.get(k) for k in ITEM_SCHEMA.names} | {"role": r["target"], "difficulty": "default", "gold_answer": "1"}
+            for r in items()]
+    PartWriter(tmp_path / "eval" / "items", ITEM_SCHEMA).write(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA))
+    said = []
+    router = calibrate_router(tmp_path / "eval", log=said.append)
+    saved = json.loads((tmp_path / "eval" / "router.json").read_text())
+    assert router["path"] == str(tmp_path / "eval" / "router.json") and router["n"] == saved["n"] == 40
+    assert saved["thresholds"]["logprob"]["accuracy"] >= 0.95 * 0.9 and "cost_quality" in saved
+    # an evaluation without the teacher cannot calibrate it: said, and the pipeline goes on
+    only = tmp_path / "student-only"
+    PartWriter(only / "items", ITEM_SCHEMA).write(pa.Table.from_pylist([r for r in rows if r["target"] == "student"],
+                                                                        schema=ITEM_SCHEMA))
+    assert calibrate_router(only, log=said.append) is None and "not calibrated" in said[-1]
