@@ -21,6 +21,7 @@ import shutil
 import time
 import uuid
 from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +153,15 @@ def _plan(cfg: EvalConfig, group: list, suites: dict, kinds: dict, done: set) ->
     missing = any(_missing(done, t.key(cfg), ps, cfg.samples) for t in group for ps in suites.values())
     engine = group[0].engine
     tokenizer = load_tokenizer(engine.model) if missing and engine.backend == "vllm" else None
-    rows = []
+    per_model = []
     for t in group:
         pool = load_exemplars(t.prompt.exemplars)
-        for suite, problems in suites.items():
-            rows += plan_rows(t, t.key(cfg), suite, kinds[suite], problems, cfg.samples, cfg.sampling.temperature,
-                              cfg.seed, pool, tokenizer, skip=done)
-    return rows
+        per_model.append([r for suite, problems in suites.items()
+                          for r in plan_rows(t, t.key(cfg), suite, kinds[suite], problems, cfg.samples,
+                                             cfg.sampling.temperature, cfg.seed, pool, tokenizer, skip=done)])
+    # the models' rows taken in turn: every model advances together, and a stopped run holds
+    # answers of each
+    return [r for turn in zip_longest(*per_model) for r in turn if r is not None]
 
 
 def _engine_key(t) -> str:
@@ -180,6 +183,13 @@ def _run(cfg: EvalConfig, target, rows: list[dict], folder: Path, log, label: st
 
     engine = target.engine
     adapters = sorted({r["model"] for r in rows if r.get("model") and r["model"] != engine.model})
+    if adapters and engine.backend == "vllm" and any(r.get("model") == engine.model for r in rows):
+        # vLLM (seen on its CPU build) applies a batch's LoRA weights to the base model's requests
+        # in that batch; the base model is asked through an adapter that adds nothing instead
+        from jobs.evaluate.pipeline import route_base_rows
+        identity = identity_adapter(adapters[0], folder.parent / "identity-adapters")
+        rows = route_base_rows(rows, engine.model, str(identity))
+        adapters.append(str(identity))
     if adapters:
         engine = replace(engine, engine_kwargs={**lora_engine_kwargs(adapters), **engine.engine_kwargs})
     extra = dict(cfg.sampling.extra)
@@ -203,6 +213,38 @@ def _run(cfg: EvalConfig, target, rows: list[dict], folder: Path, log, label: st
                       folder=folder, ray_cfg=cfg.ray, label=label, write_rows=64, counts=counts, log=log,
                       warm=partial(warm, sorted({r["verifier"] for r in rows})))
     return {**attempt, "tokens_by_key": tokens_by_key, "requests_by_key": requests_by_key}
+
+
+def identity_adapter(adapter: str | Path, into: Path) -> Path:
+    """A LoRA adapter that leaves the base model as it is: `adapter`'s configuration and shapes with
+    every lora_B weight zero (PEFT's own initialisation), written once per adapter under `into`."""
+    from safetensors.torch import load_file, save_file
+
+    from jobs.evaluate.targets import folder_digest
+
+    src = Path(adapter)
+    weights = src / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"adapter {src}: no adapter_model.safetensors (save the adapter with PEFT's save_pretrained)")
+    tensors = load_file(str(weights))
+    other = sorted(k for k in tensors if "lora_" not in k)
+    if other:
+        raise DataError(f"adapter {src}: holds weights other than LoRA's ({other[0]}, ...); its base model "
+                        "cannot share an engine with it: evaluate the base model under another engine setting")
+    out = into / folder_digest(src)
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    tmp = into / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copy(src / "adapter_config.json", tmp / "adapter_config.json")
+        save_file({k: (v.zero_() if "lora_B" in k else v) for k, v in tensors.items()},
+                  str(tmp / "adapter_model.safetensors"))
+        shutil.rmtree(out, ignore_errors=True)  # an earlier, incomplete one
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def lora_engine_kwargs(adapters: list[str]) -> dict[str, Any]:

@@ -49,6 +49,13 @@ def plan_rows(target, key: str, suite: str, kind: str, problems: list[Problem], 
     return rows
 
 
+def route_base_rows(rows: list[dict[str, Any]], base_model: str, identity: str) -> list[dict[str, Any]]:
+    """The rows that ask the engine's base model (`model` is the engine's own), sent through the
+    `identity` adapter instead: vLLM's CPU build was seen to apply the LoRA weights of a batch's
+    other requests to a base-model request in the same batch, and LoRA requests each get their own."""
+    return [{**r, "model": identity} if r.get("model") == base_model else r for r in rows]
+
+
 def finish_predictions(rows: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
     """Engine outputs -> PREDICTION_SCHEMA rows: the answer read in the prompt's format and graded
     by the problem's verifier; `format_failure` when no answer could be read."""

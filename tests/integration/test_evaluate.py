@@ -28,8 +28,9 @@ SUITES = [
 
 
 def config(out, student, teacher, **over) -> EvalConfig:
-    data = {"out_dir": str(out), "student": str(student), "suites": SUITES, "samples": 2,
-            "teacher": {"model": str(teacher), "gpu_memory_utilization": 0.1, "max_model_len": 1024, "batch_size": 8},
+    data = {"out_dir": str(out), "student": student and str(student), "suites": SUITES, "samples": 2,
+            "teacher": teacher and {"model": str(teacher), "gpu_memory_utilization": 0.1, "max_model_len": 1024,
+                                    "batch_size": 8},
             "teacher_prompt": {"few_shot": 1},  # prompted as in generation, with an exemplar
             "engine": {"gpu_memory_utilization": 0.1, "max_model_len": 1024, "batch_size": 8},
             "sampling": {"max_tokens": 24, "temperature": 0.9}, "bootstrap": {"samples": 200},
@@ -59,6 +60,19 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
               and by[k]["output"] != by[("base",) + k[1:]]["output"]]
     assert differ
     assert all(p["temperature"] == 0 for p in preds if p["sample_index"] == 0)
+
+    # the base model's answers on the shared engine are its own: the same as from an engine without
+    # the adapter (vLLM's CPU build applies a batch's LoRA weights to base requests beside them)
+    base_prompt = next(m["prompt"] for m in manifest["models"] if m["name"] == "base")
+    alone = main(config(tmp_path / "alone", None, None, samples=0, seed=1,
+                        suites=SUITES[:1], prices={},
+                        models=[{"name": "alone", "model": {"model": str(tiny_model), "gpu_memory_utilization": 0.1,
+                                                            "max_model_len": 1024, "batch_size": 8},
+                                 "prompt": base_prompt}]), log=lambda *_: None)
+    assert alone["stage"] == "evaluate"
+    own = {p["problem_id"]: p["output"] for p in read_dataset(tmp_path / "alone" / "predictions").to_pylist()}
+    shared = {k[2]: by[k]["output"] for k in by if k[0] == "base" and k[1] == "held" and k[3] == 0}
+    assert shared == own
 
     # the report files exist and parse; every accuracy recounts from the saved predictions
     report = json.loads((out / "report.json").read_text())

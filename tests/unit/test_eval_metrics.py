@@ -149,3 +149,40 @@ def test_overlap_with_the_training_data_fails_or_is_dropped_as_configured(tmp_pa
     assert check_disjoint(suites, [chains], "allow")[0] == suites
     with pytest.raises(DataError, match="every one of its 1 problems"):
         check_disjoint({"all": [mk(0, "Find the GCD of 8, 12.")]}, [chains], "drop")
+
+
+def test_base_rows_beside_a_lora_adapter_go_through_an_identity_adapter(tmp_path):
+    """vLLM's CPU build gives a base request batched beside LoRA requests their LoRA weights; the
+    evaluation asks the base through an adapter of the same shapes whose lora_B weights are zero
+    (it adds nothing), written once; an adapter holding other weights is refused by name."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jobs.common.errors import DataError
+    from jobs.evaluate.main import identity_adapter, lora_engine_kwargs
+    from jobs.evaluate.pipeline import route_base_rows
+
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "peft_type": "LORA"}')
+    weights = {"m.q_proj.lora_A.weight": torch.randn(4, 6), "m.q_proj.lora_B.weight": torch.randn(6, 4)}
+    save_file(weights, str(src / "adapter_model.safetensors"))
+    out = identity_adapter(src, tmp_path / "ids")
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert torch.equal(got["m.q_proj.lora_A.weight"], weights["m.q_proj.lora_A.weight"])
+    assert not got["m.q_proj.lora_B.weight"].any()
+    assert (out / "adapter_config.json").read_text() == (src / "adapter_config.json").read_text()
+    assert lora_engine_kwargs([str(src), str(out)]) == {"enable_lora": True, "max_lora_rank": 8, "max_loras": 2}
+    assert identity_adapter(src, tmp_path / "ids") == out and [p.name for p in (tmp_path / "ids").iterdir()] == [out.name]
+
+    rows = [{"model": "/m/base", "i": 0}, {"model": str(src), "i": 1}, {"model": "/m/base", "i": 2}]
+    routed = route_base_rows(rows, "/m/base", str(out))
+    assert [r["model"] for r in routed] == [str(out), str(src), str(out)] and [r["i"] for r in routed] == [0, 1, 2]
+    assert rows[0]["model"] == "/m/base"  # the planned rows are left as they were
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "adapter_config.json").write_text('{"r": 4}')
+    save_file({**weights, "m.lm_head.weight": torch.randn(3, 6)}, str(full / "adapter_model.safetensors"))
+    with pytest.raises(DataError, match=r"adapter .*full: holds weights other than LoRA's \(m.lm_head.weight"):
+        identity_adapter(full, tmp_path / "ids")
