@@ -126,3 +126,138 @@ def check_cluster(needs: list[tuple[Need, int]], nodes: list[dict]) -> None:
     for need, _ in needs:
         if need.gpus > biggest:
             raise PlanError(f"a {need.role} needs {need.gpus} GPUs on one node; the largest node has {biggest}")
+
+
+# --- a job against a cluster definition, before submission ----------------------------------------
+
+# GPU memory of the accelerator types Ray names (ray.util.accelerators), in GiB as sold
+ACCELERATOR_MEMORY_GIB = {"T4": 16, "V100": 16, "A10G": 24, "L4": 24, "L40S": 48, "A100-40G": 40, "A100": 40,
+                          "A100-80G": 80, "H100": 80, "H200": 141, "B200": 180}
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One kind of node a cluster can have, and how many of it at most."""
+    name: str
+    cpus: float
+    gpus: int
+    max_count: int
+    gpu: GPUType | None = None   # None: no GPUs, or GPUs of a type the definition does not name
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one stage runs on GPUs: the teacher's replicas (their minimum) or the training workers."""
+    stage: str
+    role: str                      # teacher | training
+    count: int
+    params: float | None = None    # None: the model's size is not known here (GPUs counted, memory not)
+    tensor_parallel: int = 1
+    accelerator_type: str | None = None
+    method: str = "lora"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batch_tokens: int = 8192
+    hidden: int = 4096
+    layers: int = 32
+    gradient_checkpointing: bool = False
+
+
+def _accelerator(resources: dict) -> GPUType | None:
+    for key in resources:
+        if str(key).startswith("accelerator_type:"):
+            name = str(key).split(":", 1)[1]
+            if name in ACCELERATOR_MEMORY_GIB:
+                return GPUType(name, ACCELERATOR_MEMORY_GIB[name])
+    return None
+
+
+def _quantity(value) -> float:
+    """A Kubernetes CPU quantity ("8", "500m") as CPUs."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def node_types(definition: dict) -> list[NodeType]:
+    """The node types of a cluster definition at their largest: a Ray cluster launcher YAML
+    (available_node_types, each max_workers times, the head once) or a KubeRay RayCluster (its head
+    group once, each worker group maxReplicas times). A GPU type is read from an
+    `accelerator_type:<name>` resource (launcher resources, or rayStartParams.resources in KubeRay)."""
+    import json
+
+    if "available_node_types" in definition:
+        head = definition.get("head_node_type")
+        out = []
+        for name, t in definition["available_node_types"].items():
+            res = t.get("resources") or {}
+            count = max(1 if name == head else 0, int(t.get("max_workers", 0)))
+            out.append(NodeType(name, float(res.get("CPU", 0)), int(res.get("GPU", 0)), count, _accelerator(res)))
+        return out
+    if definition.get("kind") == "RayCluster":
+        spec = definition["spec"]
+        groups = [("head", spec["headGroupSpec"], 1)] + [
+            (g["groupName"], g, int(g.get("maxReplicas", g.get("replicas", 0)))) for g in spec.get("workerGroupSpecs", [])]
+        out = []
+        for name, g, count in groups:
+            params = g.get("rayStartParams") or {}
+            limits = ((g["template"]["spec"]["containers"][0].get("resources") or {}).get("limits") or {})
+            cpus = float(params["num-cpus"]) if "num-cpus" in params else _quantity(limits.get("cpu", 0))
+            gpus = int(params["num-gpus"]) if "num-gpus" in params else int(limits.get("nvidia.com/gpu", 0))
+            custom = params.get("resources")
+            extra = json.loads(json.loads(custom) if str(custom).startswith('"') else custom) if custom else {}
+            out.append(NodeType(name, cpus, gpus, count, _accelerator(extra)))
+        return out
+    raise PlanError("the cluster definition is neither a Ray cluster launcher YAML (available_node_types) nor a "
+                    "KubeRay RayCluster")
+
+
+def _need(w: Workload, gpu: GPUType) -> Need:
+    if w.role == "teacher":
+        return teacher_replica(w.params, w.tensor_parallel, gpu)
+    return training_worker(w.params, w.method, w.zero_stage, w.count, gpu, offload_optimizer=w.offload_optimizer,
+                           offload_params=w.offload_params, micro_batch_tokens=w.micro_batch_tokens, hidden=w.hidden,
+                           layers=w.layers, gradient_checkpointing=w.gradient_checkpointing)
+
+
+def check_workloads(workloads: list[Workload], types: list[NodeType]) -> list[str]:
+    """PlanError naming the first workload the cluster cannot hold even at its largest; otherwise a
+    line per workload saying what it needs and where it fits. Stages run one after another, so
+    each workload is checked against the whole cluster on its own."""
+    lines = []
+    for w in workloads:
+        where = [t for t in types if t.gpus > 0 and (w.accelerator_type is None or (t.gpu and t.gpu.name == w.accelerator_type))]
+        if not where:
+            wanted = f" of type {w.accelerator_type}" if w.accelerator_type else ""
+            raise PlanError(f"{w.stage}: the {w.role} runs on GPUs{wanted}, and no node type of the cluster has any")
+        per_unit = w.tensor_parallel if w.role == "teacher" else 1
+        if not any(t.gpus >= per_unit for t in where):
+            raise PlanError(f"{w.stage}: a {w.role} replica needs {per_unit} GPUs on one node; the largest node has "
+                            f"{max(t.gpus for t in where)}")
+        where = [t for t in where if t.gpus >= per_unit]
+        fitting, reasons = [], []
+        for t in where:
+            if w.params is None or t.gpu is None:
+                need = Need(f"{w.role} {'replica' if w.role == 'teacher' else 'worker'}", per_unit, 0.0, 1, 0.0,
+                            "memory not checked: " + ("the model's size is unknown here" if w.params is None
+                                                      else f"node type {t.name} names no GPU type"))
+            else:
+                try:
+                    need = _need(w, t.gpu)
+                except PlanError as e:
+                    reasons.append(f"on {t.name} ({t.gpu.name}): {e}")
+                    continue
+            fitting.append((t, need))
+        if not fitting:
+            raise PlanError(f"{w.stage}: " + "; ".join(reasons))
+        nodes = [{"GPU": t.gpus, "CPU": t.cpus} for t, _ in fitting for _ in range(t.max_count)]
+        need = fitting[0][1]
+        try:
+            check_cluster([(need, w.count)], nodes)
+        except PlanError as e:
+            raise PlanError(f"{w.stage}: {e} on the node types that can hold a {need.role} "
+                            f"({', '.join(t.name for t, _ in fitting)})") from None
+        lines.append(f"{w.stage}: {w.count} x {need.role}, {need.gpus} GPU{'s' * (need.gpus > 1)} each"
+                     + (f", {need.gpu_memory_gib:.1f} GiB per GPU" if need.gpu_memory_gib else "")
+                     + f" ({need.notes})" * bool(need.notes) + f" on {', '.join(t.name for t, _ in fitting)}")
+    return lines

@@ -61,6 +61,106 @@ def runtime_env(image: str | None, pip: bool) -> dict[str, Any]:
     return env
 
 
+def model_shape(model: str) -> dict[str, Any] | None:
+    """The model's config.json (parameters, hidden size, layers) without downloading weights: a
+    local folder's, a pulled packaged model's, or the hub's config file alone; None where none can
+    be read (offline), and the plan then counts GPUs without checking their memory."""
+    import json
+
+    from jobs.common.models import PACKAGED, is_pulled, packaged_dir
+
+    path = Path(model).expanduser()
+    if model in PACKAGED and is_pulled(model):
+        path = packaged_dir(model)
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if model.count("/") == 1 and not path.exists():
+        import httpx
+
+        # one quick request, no retries: a hub that does not answer leaves the memory unchecked
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        token = os.environ.get("HF_TOKEN")
+        try:
+            r = httpx.get(f"{endpoint}/{model}/resolve/main/config.json", timeout=10, follow_redirects=True,
+                          headers={"Authorization": f"Bearer {token}"} if token else {})
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+    return None
+
+
+def workloads(stage: str, config: str, overrides: list[str]) -> list:
+    """What the job runs on GPUs, stage by stage (the teacher's replicas in generation, the workers
+    in training), from its config as the job will load it."""
+    from jobs.cluster.plan import Workload, param_count
+    from jobs.common.config import load_config
+
+    def shape(model):
+        cfg = model_shape(model)
+        if cfg is None:
+            return {"params": None}
+        try:
+            return {"params": param_count(cfg), "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"]}
+        except KeyError:
+            return {"params": None}
+
+    def teacher(cfg):
+        t = cfg.teacher
+        if t.backend != "vllm" or not t.use_gpu:
+            return []
+        s = shape(t.model)
+        return [Workload("generate", "teacher", t.concurrency[0], s["params"], t.tensor_parallel_size, t.accelerator_type)]
+
+    def training(cfg):
+        if not cfg.scaling.use_gpu:
+            return []
+        s = shape(cfg.model)
+        return [Workload("train", "training", cfg.scaling.num_workers, s["params"], 1, cfg.scaling.accelerator_type,
+                         cfg.method, cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_params,
+                         cfg.micro_batch_size * cfg.max_seq_len, s.get("hidden", 4096), s.get("layers", 32),
+                         cfg.gradient_checkpointing)]
+
+    if stage == "generate":
+        from jobs.generate.config import GenerateConfig
+
+        return teacher(load_config(GenerateConfig, config, overrides))
+    if stage == "train":
+        from jobs.train.config import TrainConfig
+
+        return training(load_config(TrainConfig, config, overrides))
+    if stage == "run":
+        from jobs.pipeline.config import PipelineConfig
+        from jobs.pipeline.main import plan_stages
+
+        p = load_config(PipelineConfig, config, overrides)
+        out = Path(p.out_dir)
+        stages = plan_stages({"generate": p.generate, "curate": p.curate, "train": p.train, "eval": p.eval}, out,
+                             p.overrides, Path(p.generate_dir) if p.generate_dir else out / "generate", None, None)
+        return teacher(stages.generate) + training(stages.train)
+    return []
+
+
+def preflight(stage: str, config: str, overrides: list[str], cluster_file: str) -> list[str]:
+    """The job planned against a cluster definition at its largest (`--cluster`): a CotdError
+    naming what does not fit, before anything is submitted; otherwise what each stage needs."""
+    import yaml
+
+    from jobs.cluster.plan import PlanError, check_workloads, node_types
+    from jobs.common.config import ConfigError
+
+    path = Path(cluster_file)
+    if not path.is_file():
+        raise CotdError(f"--cluster: {cluster_file} does not exist")
+    try:
+        definition = yaml.safe_load(path.read_text())
+        types = node_types(definition if isinstance(definition, dict) else {})
+        return check_workloads(workloads(stage, config, overrides), types)
+    except (PlanError, yaml.YAMLError) as e:
+        raise CotdError(f"--cluster {cluster_file}: {e}") from None
+    except ConfigError as e:
+        raise CotdError(str(e)) from None
+
+
 def requirements() -> list[str]:
     """The project's dependencies as pyproject.toml pins them (the GPU extra: clusters run vLLM's GPU build)."""
     import tomllib
@@ -124,9 +224,14 @@ def main(argv: list[str]) -> int:
         ap.add_argument("--image", help="run the job in this container image (infra/docker/Dockerfile)")
         ap.add_argument("--pip", action="store_true", help="install pyproject.toml's pinned requirements on the nodes")
         ap.add_argument("--id", help="the job's submission id (default: Ray's)")
+        ap.add_argument("--cluster", help="a cluster definition (cluster/aws/cotd.yaml, cluster/k8s/raycluster.yaml): "
+                                          "refuse the job before submission when it cannot fit even at the cluster's largest")
         ap.add_argument("overrides", nargs="*", metavar="key=value")
         args = ap.parse_intermixed_args(rest)
         ep = entrypoint(args.stage, args.config, args.overrides)
+        if args.cluster:
+            for line in preflight(args.stage, args.config, args.overrides, args.cluster):
+                print(f"plan: {line}", flush=True)
         c = client(args.address)
         job_id = submit_job(c, entrypoint=ep, runtime_env=runtime_env(args.image, args.pip), submission_id=args.id,
                             entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus,

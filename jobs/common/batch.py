@@ -60,6 +60,29 @@ def stage_concurrency(llm: ModelConfig) -> tuple[int, int]:
     return tuple(llm.concurrency) if llm.backend == "vllm" else (1, llm.http_concurrency)
 
 
+def reachable_replicas(rows: int, llm: ModelConfig, threshold: float | None = None, factor: float | None = None) -> int:
+    """How many of `concurrency`'s replicas Ray Data's actor autoscaler can reach for `rows`
+    requests. A task is a batch of `batch_size` rows; the autoscaler adds a replica while the tasks
+    in flight per replica reach `threshold` (Ray Data's actor_pool_util_upscaling_threshold, 1.75)
+    x max_concurrent_batches, and a replica takes at most `factor` (2) x max_concurrent_batches
+    tasks. With fewer waiting batches than that, the extra replicas never start."""
+    lo, hi = llm.concurrency
+    if threshold is None or factor is None:
+        from ray.data import DataContext
+        from ray.data.context import DEFAULT_ACTOR_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR
+
+        ctx = DataContext.get_current()
+        threshold = ctx.autoscaling_config.actor_pool_util_upscaling_threshold if threshold is None else threshold
+        factor = DEFAULT_ACTOR_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR if factor is None else factor
+    if factor < threshold:
+        return lo
+    tasks = -(-rows // llm.batch_size)
+    size = lo
+    while size < hi and tasks >= threshold * llm.max_concurrent_batches * size:
+        size += 1
+    return size
+
+
 def request_stage(llm: ModelConfig) -> dict[str, Any]:
     """Ray Data map arguments of the processor's request-building stage: as many tasks at once as
     `stage_concurrency` allows."""
@@ -202,6 +225,13 @@ def run_llm(rows: list[dict[str, Any]], *, llm: ModelConfig, sampling: SamplingC
     init_ray(ray_cfg, log=log)
     if llm.backend == "vllm":
         log(f"{label}: engine dtype {engine_dtype(llm)}{' (dtype auto, for this machine)' if llm.dtype == 'auto' else ''}")
+        lo, hi = llm.concurrency
+        if hi > lo:
+            reach = reachable_replicas(len(rows), llm)
+            log(f"{label}: {lo} to {hi} replicas, as the queue of work asks; {-(-len(rows) // llm.batch_size)} batches of "
+                f"{llm.batch_size} rows keep up to {reach} busy"
+                + ("" if reach == hi else " (Ray Data adds a replica while about 1.75 x max_concurrent_batches "
+                   "batches wait on each: for more, lower batch_size or max_concurrent_batches)"))
     blocks = max(1, min(len(rows) // llm.batch_size, 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = build_llm(llm, sampling, model_path)(ds)

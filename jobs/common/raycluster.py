@@ -94,7 +94,9 @@ def init_ray(cfg: RayConfig, log=emit) -> str:
         for name, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(name, value)
         cpus = cfg.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+        # address "local": a new cluster of its own even where another Ray runs on this machine
+        # (`ray start`, a test's cluster), which a bare ray.init() would try to join
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {**env_vars, "PYTHONPATH": str(REPO_ROOT)},
                               "worker_process_setup_hook": "jobs.common.raycluster.quiet_local_workers"})
         where = f"local Ray ({cpus} logical CPUs on {os.cpu_count()} cores)"

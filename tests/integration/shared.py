@@ -43,3 +43,65 @@ def config(curated, out, model, **over) -> TrainConfig:
             "save_every": 3, "max_failures": 0, "scaling": {"num_workers": 2}, "lora": {"dropout": 0.0}}
     data.update(over)
     return build(TrainConfig, data)
+
+
+def cotd(*args: str, timeout: float = 600):
+    """`cotd ARGS` in a process of its own, from the repository, with no RAY_ADDRESS inherited."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(repo)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ray_node(*args: str, temp=None):
+    """`ray start ... --block` in a process group of its own (a node of a test's own cluster, apart
+    from the session's local Ray); `stop_node` ends it. Its `python` is this environment's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    extra = [f"--temp-dir={temp}"] if temp else []
+    return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *extra, "--block",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_node(proc) -> None:
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for_dashboard(url: str, proc, seconds: float = 180) -> None:
+    """Until the head node's dashboard (and its job server) answers; fails if the node ended."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/api/version", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "ray start --head ended"
+        time.sleep(1)
+    raise AssertionError("the head node's dashboard did not come up")

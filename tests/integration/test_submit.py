@@ -5,19 +5,13 @@ its logs followed to the end, its status as the exit code, and the jobs listed."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
+from shared import cotd, ray_node, stop_node, wait_for_dashboard
+
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 # ports apart from any other Ray on this machine (a session's local Ray runs its own agents)
 GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 6391, 8271, 52391
 
@@ -25,40 +19,16 @@ GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 6391, 8271, 52391
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head node of its own (ports and temp dir apart from the session's local Ray)."""
-    temp = tmp_path_factory.mktemp("ray-head")
-    # the job's `python` is the one on the node's PATH: this environment's
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={GCS_PORT}",
-                             f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true", "--num-cpus=4",
-                             f"--dashboard-agent-listen-port={AGENT_PORT}", f"--dashboard-agent-grpc-port={AGENT_PORT + 1}",
-                             f"--metrics-export-port={AGENT_PORT + 2}", f"--runtime-env-agent-port={AGENT_PORT + 3}",
-                             f"--temp-dir={temp}", "--block", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = ray_node("--head", f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true",
+                    "--num-cpus=4", f"--dashboard-agent-listen-port={AGENT_PORT}",
+                    f"--dashboard-agent-grpc-port={AGENT_PORT + 1}", f"--metrics-export-port={AGENT_PORT + 2}",
+                    f"--runtime-env-agent-port={AGENT_PORT + 3}", temp=tmp_path_factory.mktemp("ray-head"))
     url = f"http://127.0.0.1:{DASHBOARD_PORT}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/api/version", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, "ray start --head ended"
-        time.sleep(1)
-    else:
-        raise AssertionError("the head node's job server did not come up")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def cotd(*args, timeout=600):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+        wait_for_dashboard(url, proc)
+        yield url
+    finally:
+        stop_node(proc)
 
 
 def test_submit_follow_list_and_refusals(head, tmp_path):

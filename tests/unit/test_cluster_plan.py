@@ -58,3 +58,89 @@ def test_a_job_the_cluster_cannot_hold_is_refused_before_submission():
         check_cluster([(teacher, 5)], nodes)
     with pytest.raises(PlanError, match="needs 8 GPUs on one node; the largest node has 4"):
         check_cluster([(teacher_replica(LLAMA70B, 8, A10), 1)], [{"GPU": 4, "CPU": 32}] * 4)
+
+
+# --- a job against the cluster definitions, before submission --------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+QWEN7B_CONFIG = {"hidden_size": 3584, "num_hidden_layers": 28, "vocab_size": 152064, "intermediate_size": 18944,
+                 "num_attention_heads": 28, "num_key_value_heads": 4}
+LLAMA70B_CONFIG = {"hidden_size": 8192, "num_hidden_layers": 80, "vocab_size": 128256, "intermediate_size": 28672,
+                   "num_attention_heads": 64, "num_key_value_heads": 8}
+
+
+def definition(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def test_node_types_of_the_cluster_definitions_at_their_largest():
+    from jobs.cluster.plan import node_types
+
+    aws = {t.name: t for t in node_types(definition("cluster/aws/cotd.yaml"))}
+    assert (aws["head"].max_count, aws["head"].gpus, aws["head"].cpus) == (1, 0, 4)
+    assert (aws["gpu_teacher"].max_count, aws["gpu_teacher"].gpus, aws["gpu_teacher"].gpu) == (8, 1, GPUType("L40S", 48))
+    assert (aws["gpu_train"].max_count, aws["gpu_train"].gpus, aws["gpu_train"].cpus) == (4, 4, 48)
+    k8s = {t.name: t for t in node_types(definition("cluster/k8s/raycluster.yaml"))}
+    assert (k8s["head"].cpus, k8s["head"].gpus) == (4, 0)               # rayStartParams win over the pod's limits
+    assert (k8s["gpu-teacher"].max_count, k8s["gpu-teacher"].gpus, k8s["gpu-teacher"].gpu) == (8, 1, None)
+    assert (k8s["gpu-train"].max_count, k8s["gpu-train"].gpus) == (4, 4)
+    custom = {"kind": "RayCluster", "spec": {"headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [
+        {"resources": {"limits": {"cpu": "500m"}}}]}}}, "workerGroupSpecs": [{"groupName": "h100", "maxReplicas": 2,
+        "rayStartParams": {"num-gpus": "8", "resources": '"{\\"accelerator_type:H100\\": 1}"'},
+        "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "96"}}}]}}}]}}
+    head, h100 = node_types(custom)
+    assert head.cpus == 0.5 and (h100.gpus, h100.cpus, h100.gpu) == (8, 96, GPUType("H100", 80))
+    with pytest.raises(PlanError, match="neither a Ray cluster launcher YAML"):
+        node_types({"kind": "Deployment"})
+
+
+def test_workloads_checked_against_the_aws_cluster():
+    from jobs.cluster.plan import Workload, check_workloads, node_types
+
+    types = node_types(definition("cluster/aws/cotd.yaml"))
+    lines = check_workloads([Workload("generate", "teacher", 2, param_count(QWEN7B_CONFIG))], types)
+    assert lines[0].startswith("generate: 2 x teacher replica, 1 GPU each") and "gpu_teacher, gpu_train" in lines[0]
+    # a 70B teacher: tensor parallelism 4 fits only the 4-GPU training nodes, 1 fits none
+    seventy = param_count(LLAMA70B_CONFIG)
+    assert "on gpu_train" in check_workloads([Workload("generate", "teacher", 1, seventy, 4)], types)[0]
+    with pytest.raises(PlanError, match=r"generate: on gpu_teacher \(L40S\): teacher: 70\.\dB parameters .*raise "
+                                        r"tensor_parallel_size to 4"):
+        check_workloads([Workload("generate", "teacher", 1, seventy, 1)], types)
+    with pytest.raises(PlanError, match="a teacher replica needs 8 GPUs on one node; the largest node has 4"):
+        check_workloads([Workload("generate", "teacher", 1, seventy, 8)], types)
+    with pytest.raises(PlanError, match=r"generate: the job needs 20 GPUs .* the cluster has 16 on the node types .*\(gpu_train\)"):
+        check_workloads([Workload("generate", "teacher", 5, seventy, 4)], types)
+    # training: 16 workers fit 4 x 4 + 8 x 1 GPUs, 32 do not; unknown size: GPUs counted, memory not
+    full = dict(method="full", zero_stage=3, micro_batch_tokens=4096, hidden=1536, layers=28, gradient_checkpointing=True)
+    check_workloads([Workload("train", "training", 16, QWEN1_5B, **full)], types)
+    with pytest.raises(PlanError, match="train: the job needs 32 GPUs"):
+        check_workloads([Workload("train", "training", 32, QWEN1_5B, **full)], types)
+    assert "memory not checked: the model's size is unknown here" in check_workloads(
+        [Workload("train", "training", 8, None)], types)[0]
+    with pytest.raises(PlanError, match="runs on GPUs of type H100, and no node type of the cluster has any"):
+        check_workloads([Workload("train", "training", 8, None, accelerator_type="H100")], types)
+
+
+def test_submit_refuses_a_job_the_cluster_cannot_hold_before_contacting_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = tmp_path / "llama70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA70B_CONFIG))
+
+    def submit(*over):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "generate", "--config",
+                               "configs/generate/gsm8k-qwen7b.yaml", "--cluster", "cluster/aws/cotd.yaml",
+                               "--address", "http://127.0.0.1:9", f"teacher.model={model}", *over],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    refused = submit("teacher.tensor_parallel_size=1")
+    assert refused.returncode == 2 and "raise tensor_parallel_size to 4" in refused.stderr, refused.stderr
+    assert "no Ray job server" not in refused.stderr          # refused before the cluster was asked
+    fits = submit("teacher.tensor_parallel_size=4")
+    assert "plan: generate: 2 x teacher replica, 4 GPUs each" in fits.stdout, fits.stdout + fits.stderr  # concurrency [2, 8]
+    assert fits.returncode == 2 and "no Ray job server answers there" in fits.stderr   # then the (absent) cluster
