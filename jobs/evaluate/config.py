@@ -91,6 +91,10 @@ class EvalConfig:
     prompt: PromptConfig = doc("how other models are prompted", PromptConfig(few_shot=0))
     sampling: SamplingConfig = doc("generation settings (temperature is 0 for the greedy answer)",
                                    SamplingConfig(temperature=0.8, top_p=0.95, max_tokens=512))
+    lora_student: Literal["auto", "adapter", "merged"] = doc(
+        "how a LoRA student runs: adapter (on its base model's engine, which also serves the base: one engine "
+        "start), merged (its exported merged/ model on an engine of its own), auto: adapter on GPU engines, merged "
+        "on CPU ones (vLLM's CPU build computes an unmerged adapter several times slower)", "auto")
     samples: int = doc("sampled answers per problem and model besides the greedy one, at sampling.temperature: "
                        "pass@k, majority@k and the agreement confidence (0: greedy only)", 0)
     logprobs: bool = doc("record each greedy answer's mean token log-probability (a confidence the router can use)", True)

@@ -120,11 +120,18 @@ def student_targets(cfg: EvalConfig, lin: Lineage, resolve) -> list[Target]:
     targets.append(Target("base", "base", base, None, prompt, _price(cfg, "base"), model_identity(train["model"], base_path)))
     out = Path(train["config"]["out_dir"])
     adapter = out / "adapter"
-    if train.get("method") == "lora" and adapter.is_dir():
+    merged_dir = out / "merged"
+    as_adapter = cfg.lora_student == "adapter" or (cfg.lora_student == "auto" and base.use_gpu)
+    if cfg.lora_student == "auto" and not (merged_dir / "config.json").is_file():
+        as_adapter = True  # a run without an exported model: its adapter is all there is
+    if train.get("method") == "lora" and adapter.is_dir() and as_adapter:
         targets.append(Target("student", "student", base, str(adapter), prompt, _price(cfg, "student"),
                               model_identity(train["model"], base_path)))
     else:
-        merged = str(out / "merged")
+        if not (merged_dir / "config.json").is_file():
+            raise DataError(f"student: {out} has no exported model in merged/ (lora_student: merged needs one; "
+                            "lora_student: adapter serves its adapter instead)")
+        merged = str(merged_dir)
         targets.append(Target("student", "student", _engine(cfg, merged), None, prompt, _price(cfg, "student"),
                               model_identity(merged, merged)))
     return targets

@@ -43,7 +43,7 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
     student_dir, _, _ = lora_run
     out = tmp_path / "eval"
     lines: list[str] = []
-    manifest = main(config(out, student_dir, tiny_model), log=lines.append)
+    manifest = main(config(out, student_dir, tiny_model, lora_student="adapter"), log=lines.append)
 
     # models on one engine share it: the teacher here is the base model under its own prompt, and
     # the LoRA student rides on the base's engine, so one engine run serves all three
@@ -62,17 +62,25 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
     assert all(p["temperature"] == 0 for p in preds if p["sample_index"] == 0)
 
     # the base model's answers on the shared engine are its own: the same as from an engine without
-    # the adapter (vLLM's CPU build applies a batch's LoRA weights to base requests beside them)
+    # the adapter (vLLM's CPU build applies a batch's LoRA weights to base requests beside them).
+    # Beside it, the same student as lora_student auto runs it on CPU: its merged model, on an engine of its own
     base_prompt = next(m["prompt"] for m in manifest["models"] if m["name"] == "base")
+    lines = []
     alone = main(config(tmp_path / "alone", None, None, samples=0, seed=1,
                         suites=SUITES[:1], prices={},
                         models=[{"name": "alone", "model": {"model": str(tiny_model), "gpu_memory_utilization": 0.1,
                                                             "max_model_len": 1024, "batch_size": 8},
-                                 "prompt": base_prompt}]), log=lambda *_: None)
-    assert alone["stage"] == "evaluate"
-    own = {p["problem_id"]: p["output"] for p in read_dataset(tmp_path / "alone" / "predictions").to_pylist()}
+                                 "prompt": base_prompt},
+                                {"name": "merged", "role": "student", "run": str(student_dir)}]), log=lines.append)
+    assert {m["name"]: m["adapter"] for m in alone["models"]} == {"alone": None, "merged": None}
+    merged = next(m for m in alone["models"] if m["name"] == "merged")
+    assert merged["identity"].startswith(str(student_dir / "merged"))
+    assert {line.split("]")[0] for line in lines if line.startswith("[eval ") and "%)" in line} == {"[eval alone", "[eval merged"}
+    got = read_dataset(tmp_path / "alone" / "predictions").to_pylist()
+    own = {p["problem_id"]: p["output"] for p in got if p["target"] == "alone"}
     shared = {k[2]: by[k]["output"] for k in by if k[0] == "base" and k[1] == "held" and k[3] == 0}
     assert shared == own
+    assert len([p for p in got if p["target"] == "merged"]) == 5
 
     # the report files exist and parse; every accuracy recounts from the saved predictions
     report = json.loads((out / "report.json").read_text())
@@ -100,7 +108,7 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
 
     monkeypatch.setattr(batch, "run_llm", lambda *a, **k: pytest.fail("an engine started with nothing to evaluate"))
     lines = []
-    again = main(config(out, student_dir, tiny_model), log=lines.append)
+    again = main(config(out, student_dir, tiny_model, lora_student="adapter"), log=lines.append)
     assert any("; 0 to generate" in line for line in lines), lines
     assert again["summary"]["accuracy"] == manifest["summary"]["accuracy"]
 

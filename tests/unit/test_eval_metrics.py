@@ -186,3 +186,35 @@ def test_base_rows_beside_a_lora_adapter_go_through_an_identity_adapter(tmp_path
     save_file({**weights, "m.lm_head.weight": torch.randn(3, 6)}, str(full / "adapter_model.safetensors"))
     with pytest.raises(DataError, match=r"adapter .*full: holds weights other than LoRA's \(m.lm_head.weight"):
         identity_adapter(full, tmp_path / "ids")
+
+
+def test_a_lora_student_runs_merged_on_cpu_and_as_its_adapter_on_gpu_or_when_asked(tmp_path):
+    import json
+
+    from jobs.common.config import build
+    from jobs.common.errors import DataError
+    from jobs.evaluate.config import EvalConfig
+    from jobs.evaluate.targets import lineage, student_targets
+
+    run = tmp_path / "student"
+    (run / "adapter").mkdir(parents=True)
+    (run / "merged").mkdir()
+    (run / "merged" / "config.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps({
+        "stage": "train", "method": "lora", "model": "base-model", "model_path": str(tmp_path / "base"),
+        "config": {"out_dir": str(run), "data": str(tmp_path / "curated")}}))
+
+    def student(**over):
+        cfg = build(EvalConfig, {"out_dir": str(tmp_path / "eval"), "student": str(run),
+                                 "suites": [{"name": "s", "sources": [{"type": "jsonl", "path": "x.jsonl"}]}], **over})
+        t = next(t for t in student_targets(cfg, lineage(str(run)), lambda m: m) if t.role == "student")
+        return t.engine.model, t.adapter
+
+    assert student() == (str(run / "merged"), None)                                   # auto on a CPU engine
+    assert student(engine={"use_gpu": True}) == (str(tmp_path / "base"), str(run / "adapter"))   # auto on GPUs
+    assert student(lora_student="adapter") == (str(tmp_path / "base"), str(run / "adapter"))
+    assert student(lora_student="merged", engine={"use_gpu": True}) == (str(run / "merged"), None)
+    (run / "merged" / "config.json").unlink()
+    assert student() == (str(tmp_path / "base"), str(run / "adapter"))              # nothing exported: the adapter
+    with pytest.raises(DataError, match="has no exported model in merged/"):
+        student(lora_student="merged")
