@@ -8,7 +8,8 @@ Run as:
 overhead  p50/p99 latency of the same one-token request through cotd's router (HTTP, the router,
           then the student deployment) and straight to the student deployment (a Serve handle call
           from this process), interleaved in one run; the difference is what the router costs.
-          Target: p50 overhead <= 5 ms.
+          Beside them, GET /health: HTTP through Serve's proxy to the router and back with no model,
+          the floor under the router's cost on this machine. Target: p50 overhead <= 5 ms.
 load      a fixed number of concurrent clients for a fixed time: throughput, latency percentiles,
           errors; with --kill-at, one student replica is killed mid-test (its actor, through Ray):
           no request may hang, every failure is counted, and the replica must come back.
@@ -82,17 +83,24 @@ def overhead(args) -> None:
         inside.append(r.json()["cotd"]["router_ms"])
         return 1000 * (time.perf_counter() - t0)
 
+    def health(c: httpx.Client) -> float:
+        t0 = time.perf_counter()
+        c.get(f"http://127.0.0.1:{PORT}/health").raise_for_status()
+        return 1000 * (time.perf_counter() - t0)
+
     loop = asyncio.new_event_loop()
-    d, r = [], []
+    d, r, h = [], [], []
     with httpx.Client(timeout=60) as c:
-        for i in range(args.warmup + args.requests):  # interleaved, so both see the same machine
-            a, b = loop.run_until_complete(direct()), routed(c)
+        for i in range(args.warmup + args.requests):  # interleaved, so all three see the same machine
+            a, b, e = loop.run_until_complete(direct()), routed(c), health(c)
             if i >= args.warmup:
                 d.append(a)
                 r.append(b)
+                h.append(e)
     print(f"requests: {args.requests} each, one-token answers, interleaved")
-    for name, v in (("direct to the student deployment", d), ("through cotd's router (HTTP)", r)):
-        print(f"  {name:<34} p50 {percentile(v, 50):7.1f} ms   p99 {percentile(v, 99):7.1f} ms   mean {statistics.mean(v):7.1f} ms")
+    for name, v in (("direct to the student deployment", d), ("through cotd's router (HTTP)", r),
+                    ("HTTP to the router, no model (/health)", h)):
+        print(f"  {name:<38} p50 {percentile(v, 50):7.1f} ms   p99 {percentile(v, 99):7.1f} ms   mean {statistics.mean(v):7.1f} ms")
     print(f"router overhead: p50 {percentile(r, 50) - percentile(d, 50):.1f} ms, p99 {percentile(r, 99) - percentile(d, 99):.1f} ms"
           "   target p50 <= 5 ms")
     inside = inside[args.warmup:]

@@ -67,26 +67,18 @@ def model_shape(model: str) -> dict[str, Any] | None:
     be read (offline), and the plan then counts GPUs without checking their memory."""
     import json
 
-    from jobs.common.models import PACKAGED, is_pulled, packaged_dir
+    from jobs.common.models import PACKAGED, hub_file, is_pulled, packaged_dir
 
     path = Path(model).expanduser()
     if model in PACKAGED and is_pulled(model):
         path = packaged_dir(model)
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
-    if model.count("/") == 1 and not path.exists():
-        import httpx
-
-        # one quick request, no retries: a hub that does not answer leaves the memory unchecked
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        token = os.environ.get("HF_TOKEN")
-        try:
-            r = httpx.get(f"{endpoint}/{model}/resolve/main/config.json", timeout=10, follow_redirects=True,
-                          headers={"Authorization": f"Bearer {token}"} if token else {})
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
-    return None
+    config = path / "config.json"
+    if not config.is_file() and model.count("/") == 1 and not path.exists():
+        config = hub_file(model, "config.json")
+    try:
+        return json.loads(config.read_text()) if config is not None and config.is_file() else None
+    except ValueError:
+        return None
 
 
 def workloads(stage: str, config: str, overrides: list[str]) -> list:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from jobs.common.engine import ModelConfig, SamplingConfig, cpu_binding_env, engine_dtype, sampling_params
 from jobs.common.offline import FinalOnly, offline_engine_kwargs
@@ -60,7 +60,13 @@ def stage_concurrency(llm: ModelConfig) -> tuple[int, int]:
     return tuple(llm.concurrency) if llm.backend == "vllm" else (1, llm.http_concurrency)
 
 
-def reachable_replicas(rows: int, llm: ModelConfig, threshold: float | None = None, factor: float | None = None) -> int:
+class Reach(NamedTuple):
+    replicas: int      # how many of concurrency's replicas the batches keep busy
+    batches: int       # the tasks: batches of batch_size rows
+    threshold: float   # waiting batches per replica (x max_concurrent_batches) that add one
+
+
+def reachable_replicas(rows: int, llm: ModelConfig, threshold: float | None = None, factor: float | None = None) -> Reach:
     """How many of `concurrency`'s replicas Ray Data's actor autoscaler can reach for `rows`
     requests. A task is a batch of `batch_size` rows; the autoscaler adds a replica while the tasks
     in flight per replica reach `threshold` (Ray Data's actor_pool_util_upscaling_threshold, 1.75)
@@ -74,13 +80,13 @@ def reachable_replicas(rows: int, llm: ModelConfig, threshold: float | None = No
         ctx = DataContext.get_current()
         threshold = ctx.autoscaling_config.actor_pool_util_upscaling_threshold if threshold is None else threshold
         factor = DEFAULT_ACTOR_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR if factor is None else factor
-    if factor < threshold:
-        return lo
     tasks = -(-rows // llm.batch_size)
+    if factor < threshold:
+        return Reach(lo, tasks, threshold)
     size = lo
     while size < hi and tasks >= threshold * llm.max_concurrent_batches * size:
         size += 1
-    return size
+    return Reach(size, tasks, threshold)
 
 
 def request_stage(llm: ModelConfig) -> dict[str, Any]:
@@ -228,10 +234,10 @@ def run_llm(rows: list[dict[str, Any]], *, llm: ModelConfig, sampling: SamplingC
         lo, hi = llm.concurrency
         if hi > lo:
             reach = reachable_replicas(len(rows), llm)
-            log(f"{label}: {lo} to {hi} replicas, as the queue of work asks; {-(-len(rows) // llm.batch_size)} batches of "
-                f"{llm.batch_size} rows keep up to {reach} busy"
-                + ("" if reach == hi else " (Ray Data adds a replica while about 1.75 x max_concurrent_batches "
-                   "batches wait on each: for more, lower batch_size or max_concurrent_batches)"))
+            log(f"{label}: {lo} to {hi} replicas, as the queue of work asks; {reach.batches} batches of "
+                f"{llm.batch_size} rows keep up to {reach.replicas} busy"
+                + ("" if reach.replicas == hi else f" (Ray Data adds a replica while about {reach.threshold:g} x "
+                   "max_concurrent_batches batches wait on each: for more, lower batch_size or max_concurrent_batches)"))
     blocks = max(1, min(len(rows) // llm.batch_size, 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = build_llm(llm, sampling, model_path)(ds)

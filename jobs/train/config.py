@@ -47,12 +47,21 @@ class WorkersConfig:
     use_gpu: bool = doc("train on GPUs (NCCL); false: CPU workers (gloo)", False)
     cpus_per_worker: int = doc("CPUs reserved per worker", 1)
     accelerator_type: str | None = doc("Ray accelerator type to schedule on, e.g. H100 (GPU only)", None)
+    worker_resources: dict[str, float] = doc("custom Ray resources each worker reserves, to place workers on the "
+                                             "nodes that offer them (a node group's resource, say)", {})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "how Ray places the workers' bundles: PACK fills the nodes that have room first, SPREAD one per node "
+        "where it can", "PACK")
 
     def check(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             raise ValueError(f"num_workers and cpus_per_worker must be >= 1, got {self.num_workers}, {self.cpus_per_worker}")
         if self.accelerator_type and not self.use_gpu:
             raise ValueError("accelerator_type is set but use_gpu is false")
+        bad = {k: v for k, v in self.worker_resources.items() if k in ("CPU", "GPU", "memory") or not v > 0}
+        if bad:
+            raise ValueError(f"worker_resources holds custom resources with amounts > 0 (CPU and GPU have keys of "
+                             f"their own), got {bad}")
 
 
 @dataclass(frozen=True)

@@ -45,23 +45,38 @@ def config(curated, out, model, **over) -> TrainConfig:
     return build(TrainConfig, data)
 
 
-def cotd(*args: str, timeout: float = 600):
-    """`cotd ARGS` in a process of its own, from the repository, with no RAY_ADDRESS inherited."""
+def _cotd(args):
+    """The command line, folder and environment of `cotd ARGS` run from the repository, with no
+    RAY_ADDRESS inherited."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(repo)}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return {"args": [sys.executable, "-m", "jobs.cli", *args], "cwd": repo, "env": env}
 
 
-def ray_node(*args: str, temp=None):
+def cotd(*args: str, timeout: float = 600):
+    """`cotd ARGS` in a process of its own, waited for; its output captured."""
+    import subprocess
+
+    return subprocess.run(**_cotd(args), capture_output=True, text=True, timeout=timeout)
+
+
+def cotd_start(*args: str, log):
+    """`cotd ARGS` started in a process of its own, its output to the open file `log`; not waited for."""
+    import subprocess
+
+    return subprocess.Popen(**_cotd(args), stdout=log, stderr=subprocess.STDOUT)
+
+
+def ray_node(*args: str, temp=None, cores: str | None = None):
     """`ray start ... --block` in a process group of its own (a node of a test's own cluster, apart
-    from the session's local Ray); `stop_node` ends it. Its `python` is this environment's."""
+    from the session's local Ray); `stop_node` ends it. Its `python` is this environment's. With
+    `cores` (a CPU list such as "1"), the node and every process it starts run on those cores
+    alone, as a machine of its own would."""
     import os
     import subprocess
     import sys
@@ -70,7 +85,8 @@ def ray_node(*args: str, temp=None):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     extra = [f"--temp-dir={temp}"] if temp else []
-    return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *extra, "--block",
+    pin = ["taskset", "-c", cores] if cores else []
+    return subprocess.Popen([*pin, sys.executable, "-m", "ray.scripts.scripts", "start", *args, *extra, "--block",
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 

@@ -1,5 +1,6 @@
 """Autoscaling on a real multi-node Ray cluster on this machine: a head node and worker nodes, each
-`ray start` on loopback. The teacher's replicas reserve a resource only the worker nodes have
+`ray start` on loopback, each worker node pinned to one core as a machine of its own would be
+(the first on core 0, the later ones on core 1). The teacher's replicas reserve a resource only the worker nodes have
 (teacher.replica_resources), so each replica needs a worker node of its own. A generation job
 submitted with teacher.concurrency [1, 3] starts its first replica on the one worker node; two
 more nodes join while it runs, the replica count grows, and the job finishes with every chain
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common.runs import read_dataset
-from shared import cotd, ray_node, stop_node, wait_for_dashboard
+from shared import cotd, cotd_start, ray_node, stop_node, wait_for_dashboard
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -29,14 +30,14 @@ RESOURCE = "cotd_teacher"
 PROBLEMS, PATHS = 120, 4
 
 
-def replicas(url: str) -> list[str | None]:
-    """The node of each teacher replica Ray Data has started (the actors that reserve RESOURCE),
-    alive or still starting its engine (None until it is alive)."""
+def replicas(url: str) -> list[tuple[str | None, str]]:
+    """(node, state) of each teacher replica Ray Data has started (the actors that reserve
+    RESOURCE), alive or still starting (node None until it is placed)."""
     from ray.util.state import list_actors
 
     live = list_actors(address=url, filters=[("state", "!=", "DEAD")], limit=1000, detail=True,
                        raise_on_missing_output=False)
-    return [a.node_id for a in live if RESOURCE in (a.required_resources or {})]
+    return [(a.node_id, a.state) for a in live if RESOURCE in (a.required_resources or {})]
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,15 @@ def cluster(tmp_path_factory):
 
     def add_worker() -> None:
         # each node a temp dir of its own: nodes of one machine sharing one would unpack the job's
-        # working directory over each other (and under the driver, which runs in it)
+        # working directory over each other (and under the driver, which runs in it). Each node on
+        # a core of its own, as a machine of its own: the first on core 0, the later ones on core 1
+        # (on one shared pool of 2 cores, a busy engine and vLLM's polling starve the next
+        # replica's engine start for minutes)
         port = AGENT_PORT + 10 * len(nodes)
+        cores = "0" if len(nodes) == 1 else str(min(1, (os.cpu_count() or 1) - 1))
         nodes.append(ray_node(f"--address=127.0.0.1:{GCS_PORT}", "--num-cpus=2",
                               f"--resources={json.dumps({RESOURCE: 1})}", f"--dashboard-agent-listen-port={port}",
-                              temp=short / str(len(nodes))))
+                              temp=short / str(len(nodes)), cores=cores))
 
     url = f"http://127.0.0.1:{DASHBOARD_PORT}"
     try:
@@ -64,6 +69,10 @@ def cluster(tmp_path_factory):
     finally:
         for proc in reversed(nodes):
             stop_node(proc)
+        # the worker nodes' logs kept beside the test's (pytest keeps its last runs' folders)
+        for logs in short.glob("*/session_latest/logs"):
+            shutil.copytree(logs, temp / f"worker-{logs.parents[1].name}-logs", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.sock", "events"))
         shutil.rmtree(short, ignore_errors=True)
 
 
@@ -73,9 +82,6 @@ def live_nodes(url: str) -> int:
     return sum(n.state == "ALIVE" for n in list_nodes(address=url, raise_on_missing_output=False))
 
 
-@pytest.mark.skipif(not os.environ.get("COTD_MULTINODE_TEST"), reason=(
-    "not passing yet on a 2-core machine: Ray Data asks for a second replica once the nodes join, but "
-    "it did not come up within two minutes in the last three runs (issue 21, point 4); COTD_MULTINODE_TEST=1 runs it"))
 def test_teacher_replicas_grow_as_nodes_join(cluster, tiny_model, tmp_path):
     url, add_worker, _ = cluster
     add_worker()
@@ -93,21 +99,18 @@ def test_teacher_replicas_grow_as_nodes_join(cluster, tiny_model, tmp_path):
             f"out_dir={out}", f"teacher.model={tiny_model}", f"sources={sources}", f"paths_per_problem={PATHS}",
             "teacher.concurrency=[1, 3]", f"teacher.replica_resources={{{RESOURCE}: 1}}", "teacher.batch_size=2",
             "teacher.max_concurrent_batches=1", "teacher.gpu_memory_utilization=0.05", "sampling.max_tokens=48",
-            # every replica's compute threads on core 0: the machine's other core stays free for the
-            # replicas that start while the first one works (one engine on both cores starves them)
-            "teacher.cpu_binding=0",
             "sampling.extra={ignore_eos: true}", "prompt.few_shot=0"]
     log = (tmp_path / "job.log").open("w")
-    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)})
-    seen: list[tuple[float, int, int]] = []   # (seconds, replicas started, on how many nodes)
+    job = cotd_start(*args, log=log)
+    seen: list[tuple[float, int, int, str]] = []   # (seconds, replicas started, on how many nodes, their states)
     joined = None                              # samples taken before the two nodes joined
     nodes = 0
     started = time.time()
     while job.poll() is None and time.time() - started < 900:
         on = replicas(url)
-        seen.append((round(time.time() - started, 1), len(on), len({n for n in on if n})))
-        if joined is None and any(on):
+        states = ",".join(sorted(state for _, state in on))
+        seen.append((round(time.time() - started, 1), len(on), len({n for n, state in on if n and state == "ALIVE"}), states))
+        if joined is None and any(n for n, _ in on):
             joined = len(seen)  # the first replica is placed on the first worker node: two more join
             add_worker()
             add_worker()
@@ -121,11 +124,11 @@ def test_teacher_replicas_grow_as_nodes_join(cluster, tiny_model, tmp_path):
 
     print(f"replicas (seconds, started, on nodes): {seen}; two nodes joined after sample {joined}; nodes {nodes}")
     assert joined is not None and nodes == 4, f"the two nodes did not join ({nodes} alive): {seen}"
-    before, after = [n for _, n, _ in seen[:joined]], [n for _, n, _ in seen[joined:]]
+    before, after = [n for _, n, _, _ in seen[:joined]], [n for _, n, _, _ in seen[joined:]]
     assert before and max(before) == 1, f"replicas before the nodes joined: {seen}"
     assert after and max(after) >= 2, f"the teacher's replicas did not grow as nodes joined: {seen}"
     # and a second one came up on another node (a replica's node shows once its engine has started)
-    assert max(k for _, _, k in seen) >= 2, f"the replicas never ran on more than one node: {seen}"
+    assert max(k for _, _, k, _ in seen) >= 2, f"the replicas never ran on more than one node: {seen}"
     chains = read_dataset(out / "chains", columns=["problem_id", "path_index", "chain"]).to_pylist()
     keys = [(r["problem_id"], r["path_index"]) for r in chains]
     assert len(keys) == PROBLEMS * PATHS and len(set(keys)) == len(keys), "chains lost or duplicated"
@@ -144,3 +147,30 @@ def test_a_local_run_starts_its_own_ray_beside_another_cluster(cluster):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "local Ray (1 logical CPUs" in done.stdout and "nodes 1" in done.stdout, done.stdout
     assert cotd("jobs", "list", "--address", cluster[0]).returncode == 0  # the other cluster still answers
+
+
+def test_training_workers_are_placed_on_the_nodes_that_have_room(cluster, curated, tiny_model, tmp_path):
+    """Each training worker reserves the worker nodes' resource (scaling.worker_resources), of which
+    each node has one: Ray Train places the two workers on two of the nodes, and the job finishes."""
+    from ray.util.state import list_actors
+
+    url, add_worker, nodes = cluster
+    while len(nodes) < 3:  # alone, this test adds the worker nodes the generation test leaves
+        add_worker()
+    deadline = time.time() + 120
+    while live_nodes(url) < len(nodes) and time.time() < deadline:
+        time.sleep(1)
+    out = tmp_path / "student"
+    done = cotd("submit", "train", "--config", "configs/train/quickstart.yaml", "--address", url, "--follow",
+                f"data={curated}", f"model={tiny_model}", f"out_dir={out}", "precision=fp32", "max_seq_len=256",
+                "epochs=1", "eval_every=100", "save_every=100", "val_accuracy_samples=2", "val_accuracy_max_tokens=8",
+                f"scaling.worker_resources={{{RESOURCE}: 1}}", timeout=900)
+    (tmp_path / "job.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["final"]["step"] >= 1 and (out / "merged" / "config.json").is_file()
+    # a worker's resources are its placement group bundle's: RESOURCE renamed cotd_teacher_group_...
+    workers = [a for a in list_actors(address=url, detail=True, limit=10_000, raise_on_missing_output=False)
+               if a.class_name.endswith("RayTrainWorker") and any(k.startswith(RESOURCE) for k in a.required_resources or {})]
+    assert len(workers) == 2, f"training workers holding {RESOURCE}: {workers}"
+    assert len({a.node_id for a in workers}) == 2, "the two workers did not run on two nodes"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jobs.cluster.plan import GPUType, PlanError, check_cluster, min_tensor_parallel, param_count, teacher_replica, training_worker
@@ -144,3 +146,23 @@ def test_submit_refuses_a_job_the_cluster_cannot_hold_before_contacting_it(tmp_p
     fits = submit("teacher.tensor_parallel_size=4")
     assert "plan: generate: 2 x teacher replica, 4 GPUs each" in fits.stdout, fits.stdout + fits.stderr  # concurrency [2, 8]
     assert fits.returncode == 2 and "no Ray job server answers there" in fits.stderr   # then the (absent) cluster
+
+
+def test_model_shape_reads_a_folder_or_the_hubs_config_file_alone(tmp_path, monkeypatch):
+    import jobs.common.models as models
+    from jobs.cluster.submit import model_shape
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 896, "num_hidden_layers": 24}))
+    assert model_shape(str(folder))["hidden_size"] == 896
+    asked = []
+    hub = tmp_path / "hub-config.json"
+    hub.write_text(json.dumps({"hidden_size": 4096}))
+    monkeypatch.setattr(models, "hub_file", lambda ref, name: asked.append((ref, name)) or hub)
+    assert model_shape("org/model-7b") == {"hidden_size": 4096} and asked == [("org/model-7b", "config.json")]
+    hub.write_text("not json")
+    assert model_shape("org/model-7b") is None                     # unreadable: the memory goes unchecked
+    monkeypatch.setattr(models, "hub_file", lambda ref, name: None)
+    assert model_shape("org/model-7b") is None                     # offline
+    assert model_shape(str(tmp_path / "missing")) is None and len(asked) == 2   # a missing folder is not a hub id

@@ -216,12 +216,13 @@ def test_replicas_the_queue_of_work_can_reach():
         return build(ModelConfig, {"model": "m", "concurrency": [1, 3], **kw})
 
     # 96 rows in batches of 8 with 16 in flight per replica: 12 batches never fill one replica
-    assert reachable_replicas(96, llm(batch_size=8, max_concurrent_batches=16)) == 1
+    reach = reachable_replicas(96, llm(batch_size=8, max_concurrent_batches=16))
+    assert reach.replicas == 1 and reach.batches == 12 and reach.threshold == 1.75
     # a second replica once 1.75 x 16 = 28 batches wait on the first, a third at 56 on two
-    assert reachable_replicas(27 * 16, llm(batch_size=16, max_concurrent_batches=16)) == 1
-    assert reachable_replicas(28 * 16, llm(batch_size=16, max_concurrent_batches=16)) == 2
-    assert reachable_replicas(56 * 16, llm(batch_size=16, max_concurrent_batches=16)) == 3
-    assert reachable_replicas(10_000, llm(batch_size=2, max_concurrent_batches=1)) == 3   # never past the max
-    assert reachable_replicas(1, llm(concurrency=[2, 4])) == 2                             # never under the min
+    assert reachable_replicas(27 * 16, llm(batch_size=16, max_concurrent_batches=16)).replicas == 1
+    assert reachable_replicas(28 * 16, llm(batch_size=16, max_concurrent_batches=16)).replicas == 2
+    assert reachable_replicas(56 * 16, llm(batch_size=16, max_concurrent_batches=16)).replicas == 3
+    assert reachable_replicas(10_000, llm(batch_size=2, max_concurrent_batches=1)).replicas == 3   # never past the max
+    assert reachable_replicas(1, llm(concurrency=[2, 4])).replicas == 2                             # never under the min
     # a replica that may hold fewer tasks than the threshold asks for never scales up
-    assert reachable_replicas(10_000, llm(batch_size=2, max_concurrent_batches=1), threshold=2.5, factor=2) == 1
+    assert reachable_replicas(10_000, llm(batch_size=2, max_concurrent_batches=1), threshold=2.5, factor=2).replicas == 1

@@ -233,6 +233,9 @@ def test_no_step_trains_at_lr_zero_and_warmup_reaches_the_peak(schedule):
     ({"compile": True, "zero": {"stage": 3}}, "compile with zero.stage 3"),
     ({"loss_chunk_tokens": 64, "zero": {"stage": 3}}, "loss_chunk_tokens with zero.stage 3"),
     ({"loss_chunk_tokens": -1}, "loss_chunk_tokens must be >= 0"),
+    ({"scaling": {"worker_resources": {"GPU": 1}}}, r"worker_resources holds custom resources.*got \{'GPU': 1\.0\}"),
+    ({"scaling": {"worker_resources": {"trainer_node": 0}}}, "worker_resources holds custom resources"),
+    ({"scaling": {"placement_strategy": "RANDOM"}}, "placement_strategy"),
 ])
 def test_bad_train_config(over, message):
     with pytest.raises(ConfigError, match=message):
