@@ -97,6 +97,9 @@ class EvalConfig:
         "on CPU ones (vLLM's CPU build computes an unmerged adapter several times slower)", "auto")
     samples: int = doc("sampled answers per problem and model besides the greedy one, at sampling.temperature: "
                        "pass@k, majority@k and the agreement confidence (0: greedy only)", 0)
+    sampled: list[str] | None = doc("the models (teacher, base, student or a `models` name) that get the `samples`; "
+                                    "the others answer greedily only (a router reads only the student's agreement). "
+                                    "null: all", None)
     logprobs: bool = doc("record each greedy answer's mean token log-probability (a confidence the router can use)", True)
     exclude: list[str] = doc("more datasets (chains or curated folders) the suites must not overlap", [])
     overlap: Literal["fail", "drop", "allow"] = doc(
@@ -123,10 +126,16 @@ class EvalConfig:
             raise ValueError(f"model names must be unique, got {labels}")
         if self.samples < 0:
             raise ValueError(f"samples must be >= 0, got {self.samples}")
+        if self.sampled is not None and not self.samples:
+            raise ValueError(f"sampled lists {self.sampled} but samples is 0: set samples (k) too")
         if self.samples and self.sampling.temperature == 0:
             raise ValueError("samples > 0 with sampling.temperature 0 would repeat the greedy answer")
         if "model" in self.engine:
             raise ValueError("engine: the model comes from the lineage or the `models` list, not from engine settings")
+
+    def samples_for(self, name: str) -> int:
+        """The sampled answers model `name` gets besides its greedy one."""
+        return self.samples if self.sampled is None or name in self.sampled else 0
 
     def fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in to_dict(self).items() if k not in ("out_dir", "ray", "cache")}

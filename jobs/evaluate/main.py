@@ -59,6 +59,9 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ConfigError(f"models: two models share a name ({names}); the student's lineage adds teacher, base and student")
+    unknown = sorted(set(cfg.sampled or []) - set(names))
+    if unknown:
+        raise ConfigError(f"sampled: no model named {', '.join(unknown)}; the models are {', '.join(names)}")
     for t in targets:
         if t.adapter and not Path(t.adapter).is_dir():
             raise DataError(f"model {t.name!r}: adapter folder {t.adapter} does not exist")
@@ -74,14 +77,17 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     done = existing_keys(cache, PREDICTION_KEY)
     kinds = {s.name: s.kind for s in cfg.suites}
     unique = list({t.key(cfg): t for t in reversed(targets)}.values())[::-1]  # the first target of each key
+    samples: dict[str, int] = {}  # by key: the most any model of that key asks
+    for t in targets:
+        samples[t.key(cfg)] = max(samples.get(t.key(cfg), 0), cfg.samples_for(t.name))
     groups: dict[str, list] = {}
     for t in unique:
         groups.setdefault(_engine_key(t), []).append(t)
     work = []
     for group in groups.values():
-        work.append((group, _plan(cfg, group, suites, kinds, done)))
+        work.append((group, _plan(cfg, group, suites, kinds, done, samples)))
     todo = sum(len(r) for _, r in work)
-    total = len(unique) * sum(map(len, suites.values())) * (cfg.samples + 1)
+    total = sum(map(len, suites.values())) * sum(samples[t.key(cfg)] + 1 for t in unique)
     log(f"{total} answers; {total - todo} already in {cache}"
         + (f" ({removed} partial files removed, {retried} failed answers asked again)" if removed or retried else "")
         + f"; {todo} to generate")
@@ -144,20 +150,22 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     return manifest
 
 
-def _plan(cfg: EvalConfig, group: list, suites: dict, kinds: dict, done: set) -> list[dict[str, Any]]:
-    """Request rows of the models that share one engine; the engine's tokenizer templates them."""
+def _plan(cfg: EvalConfig, group: list, suites: dict, kinds: dict, done: set,
+          samples: dict[str, int]) -> list[dict[str, Any]]:
+    """Request rows of the models that share one engine; the engine's tokenizer templates them.
+    `samples`: the sampled answers each target key gets besides the greedy one."""
     from jobs.common.engine import load_tokenizer
     from jobs.evaluate.pipeline import plan_rows
     from jobs.formats.prompts import load_exemplars
 
-    missing = any(_missing(done, t.key(cfg), ps, cfg.samples) for t in group for ps in suites.values())
+    missing = any(_missing(done, t.key(cfg), ps, samples[t.key(cfg)]) for t in group for ps in suites.values())
     engine = group[0].engine
     tokenizer = load_tokenizer(engine.model) if missing and engine.backend == "vllm" else None
     per_model = []
     for t in group:
         pool = load_exemplars(t.prompt.exemplars)
         per_model.append([r for suite, problems in suites.items()
-                          for r in plan_rows(t, t.key(cfg), suite, kinds[suite], problems, cfg.samples,
+                          for r in plan_rows(t, t.key(cfg), suite, kinds[suite], problems, samples[t.key(cfg)],
                                              cfg.sampling.temperature, cfg.seed, pool, tokenizer, skip=done)])
     # the models' rows taken in turn: every model advances together, and a stopped run holds
     # answers of each

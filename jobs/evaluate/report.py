@@ -238,6 +238,12 @@ def _diff(v: dict[str, Any]) -> str:
     return out
 
 
+def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A markdown table and the blank line after it; `align` holds l or r per column."""
+    return (["| " + " | ".join(header) + " |", "|" + "".join(" --- |" if a == "l" else " ---: |" for a in align)]
+            + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
 def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
     """report.md: the tables; `plots` maps a plot's name to its file (embedded by name)."""
     lines = ["# Evaluation report", ""]
@@ -245,9 +251,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
     for s in report["suites"]:
         suite = s["name"]
         cats = sorted({c for m in models.values() for c in m["suites"].get(suite, {}).get("by_category", {})})
-        lines += [f"## Suite `{suite}` ({s['kind']})", "",
-                  "| model | " + " | ".join(cats) + " | overall | format failures |",
-                  "| --- |" + " ---: |" * (len(cats) + 2)]
+        rows = []
         for name, m in models.items():
             res = m["suites"].get(suite)
             if not res:
@@ -255,8 +259,10 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
             cells = [(_pct(res["by_category"][c]["accuracy"]) + _ci(res["by_category"][c]["ci"])) if c in res["by_category"] else "-"
                      for c in cats]
             o = res["overall"]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(o['accuracy'])}{_ci(o['ci'])} (n={o['n']}) | "
-                         f"{o['format_failures']} ({_pct(o['format_failure_rate'])}) |")
+            rows.append([name, *cells, f"{_pct(o['accuracy'])}{_ci(o['ci'])} (n={o['n']})",
+                         f"{o['format_failures']} ({_pct(o['format_failure_rate'])})"])
+        lines += [f"## Suite `{suite}` ({s['kind']})", ""]
+        lines += _table(["model", *cats, "overall", "format failures"], "l" + "r" * (len(cats) + 2), rows)[:-1]
         comp = report["comparisons"].get(suite, {})
         if "recovery" in comp:
             r = comp["recovery"]
@@ -268,34 +274,30 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
                       + "; ".join(f"{c} {_diff(v)}" for c, v in g["by_category"].items())]
         lines.append("")
     if report["forgetting"]:
-        lines += ["## Forgetting (general tasks outside the training mix)", "", "| suite | base | student | change |",
-                  "| --- | ---: | ---: | --- |"]
-        for suite, f in report["forgetting"].items():
-            lines.append(f"| {suite} | {_pct(f['base']['accuracy'])}{_ci(f['base']['ci'])} | "
-                         f"{_pct(f['student']['accuracy'])}{_ci(f['student']['ci'])} | {_diff(f['change'])} |")
-        lines.append("")
+        lines += ["## Forgetting (general tasks outside the training mix)", ""]
+        lines += _table(["suite", "base", "student", "change"], "lrrl",
+                        [[suite, f"{_pct(f['base']['accuracy'])}{_ci(f['base']['ci'])}",
+                          f"{_pct(f['student']['accuracy'])}{_ci(f['student']['ci'])}", _diff(f["change"])]
+                         for suite, f in report["forgetting"].items()])
     if report["template_gap"]:
-        lines += ["## Template overfitting (trained tasks under other templates or difficulty)", "",
-                  "| suite | in distribution | shifted | gap |", "| --- | ---: | ---: | --- |"]
-        for suite, g in report["template_gap"].items():
-            lines.append(f"| {suite} | {_pct(g['in_distribution']['accuracy'])} | {_pct(g['shifted']['accuracy'])} | "
-                         f"{_diff(g['gap'])} |")
-        lines.append("")
+        lines += ["## Template overfitting (trained tasks under other templates or difficulty)", ""]
+        lines += _table(["suite", "in distribution", "shifted", "gap"], "lrrl",
+                        [[suite, _pct(g["in_distribution"]["accuracy"]), _pct(g["shifted"]["accuracy"]), _diff(g["gap"])]
+                         for suite, g in report["template_gap"].items()])
     if report["calibration"]:
-        lines += ["## The student's confidence and a router built on it (held-out suites)", "",
-                  "| signal | items | ECE | APGR | escalation for 50% / 80% / 95% of the gap |", "| --- | ---: | ---: | ---: | --- |"]
-        for signal, c in report["calibration"].items():
-            shares = " / ".join(_pct(c["escalation_for_share"][str(x)]) for x in SHARES)
-            apgr = "-" if c["apgr"] is None else f"{c['apgr']:.2f}"
-            lines.append(f"| {signal} | {c['n']} | {c['reliability']['ece']:.3f} | {apgr} | {shares} |")
-        lines.append("")
+        lines += ["## The student's confidence and a router built on it (held-out suites)", ""]
+        lines += _table(["signal", "items", "ECE", "APGR", "escalation for 50% / 80% / 95% of the gap"], "lrrrl",
+                        [[signal, str(c["n"]), f"{c['reliability']['ece']:.3f}",
+                          "-" if c["apgr"] is None else f"{c['apgr']:.2f}",
+                          " / ".join(_pct(c["escalation_for_share"][str(x)]) for x in SHARES)]
+                         for signal, c in report["calibration"].items()])
     cost = {k: v for k, v in report["cost"].items() if isinstance(v, dict)}
     if cost:
-        lines += ["## Cost", "", "| model | tokens per answer | engine-seconds per query | per 1,000 queries |",
-                  "| --- | ---: | ---: | ---: |"]
-        for name, c in cost.items():
-            eng = "-" if c.get("engine_seconds_per_query") is None else f"{c['engine_seconds_per_query']:.3f}"
-            lines.append(f"| {name} | {c['output_tokens']:.0f} | {eng} | ${c['per_1k_queries']:.4f} |")
+        lines += ["## Cost", ""]
+        lines += _table(["model", "tokens per answer", "engine-seconds per query", "per 1,000 queries"], "lrrr",
+                        [[name, f"{c['output_tokens']:.0f}",
+                          "-" if c.get("engine_seconds_per_query") is None else f"{c['engine_seconds_per_query']:.3f}",
+                          f"${c['per_1k_queries']:.4f}"] for name, c in cost.items()])[:-1]
         if "student_saves" in report["cost"]:
             lines += ["", f"Answering with the student instead of the teacher saves {_pct(report['cost']['student_saves'])} "
                       "of the cost per query."]

@@ -9,7 +9,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.common.config import build
+from jobs.common.config import ConfigError, build
 from jobs.common.errors import DataError
 from jobs.common.runs import read_dataset
 from jobs.evaluate.config import EvalConfig
@@ -66,7 +66,7 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
     # Beside it, the same student as lora_student auto runs it on CPU: its merged model, on an engine of its own
     base_prompt = next(m["prompt"] for m in manifest["models"] if m["name"] == "base")
     lines = []
-    alone = main(config(tmp_path / "alone", None, None, samples=0, seed=1,
+    alone = main(config(tmp_path / "alone", None, None, samples=1, sampled=["merged"], seed=1,
                         suites=SUITES[:1], prices={},
                         models=[{"name": "alone", "model": {"model": str(tiny_model), "gpu_memory_utilization": 0.1,
                                                             "max_model_len": 1024, "batch_size": 8},
@@ -80,7 +80,10 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
     own = {p["problem_id"]: p["output"] for p in got if p["target"] == "alone"}
     shared = {k[2]: by[k]["output"] for k in by if k[0] == "base" and k[1] == "held" and k[3] == 0}
     assert shared == own
-    assert len([p for p in got if p["target"] == "merged"]) == 5
+    # `sampled` names the models that get the k samples: the merged student alone here
+    assert sorted(p["sample_index"] for p in got if p["target"] == "merged") == [0] * 5 + [1] * 5
+    assert {p["sample_index"] for p in got if p["target"] == "alone"} == {0}
+    assert any("15 answers" in line for line in lines), lines
 
     # the report files exist and parse; every accuracy recounts from the saved predictions
     report = json.loads((out / "report.json").read_text())
@@ -111,6 +114,13 @@ def test_eval_reports_teacher_base_and_student_with_intervals(tmp_path, lora_run
     again = main(config(out, student_dir, tiny_model, lora_student="adapter"), log=lines.append)
     assert any("; 0 to generate" in line for line in lines), lines
     assert again["summary"]["accuracy"] == manifest["summary"]["accuracy"]
+
+
+def test_sampled_must_name_the_evaluated_models(tmp_path, lora_run, tiny_model):
+    student_dir, _, _ = lora_run
+    with pytest.raises(ConfigError, match=r"sampled: no model named studnet; the models are teacher, base, student"):
+        main(config(tmp_path / "eval", student_dir, tiny_model, sampled=["studnet"]), log=lambda *_: None)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_a_suite_overlapping_the_training_data_is_refused(tmp_path, lora_run, tiny_model, curated):

@@ -218,3 +218,20 @@ def test_a_lora_student_runs_merged_on_cpu_and_as_its_adapter_on_gpu_or_when_ask
     assert student() == (str(tmp_path / "base"), str(run / "adapter"))              # nothing exported: the adapter
     with pytest.raises(DataError, match="has no exported model in merged/"):
         student(lora_student="merged")
+
+
+def test_sampled_limits_the_k_samples_to_the_models_it_names():
+    from jobs.common.config import ConfigError, build
+    from jobs.evaluate.config import EvalConfig
+
+    def cfg(**over):
+        return build(EvalConfig, {"out_dir": "e", "student": "s",
+                                  "suites": [{"name": "s", "sources": [{"type": "jsonl", "path": "x.jsonl"}]}], **over})
+
+    every = cfg(samples=4)
+    assert [every.samples_for(n) for n in ("teacher", "base", "student")] == [4, 4, 4]
+    some = cfg(samples=4, sampled=["student"])
+    assert [some.samples_for(n) for n in ("teacher", "base", "student")] == [0, 0, 4]
+    assert cfg().samples_for("student") == 0
+    with pytest.raises(ConfigError, match="sampled lists .'student'. but samples is 0"):
+        cfg(sampled=["student"])
