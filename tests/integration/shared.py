@@ -91,18 +91,29 @@ def ray_node(*args: str, temp=None, cores: str | None = None):
                             start_new_session=True)
 
 
-def stop_node(proc) -> None:
+def stop_node(*procs) -> None:
+    """End `ray start` nodes: all asked at once (each takes seconds to shut down), killed after 60 s."""
     import os
     import signal
     import subprocess
+    import time
 
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    asked = []
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            asked.append(proc)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 60
+    for proc in asked:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def wait_for_dashboard(url: str, proc, seconds: float = 180) -> None:

@@ -67,8 +67,8 @@ def cluster(tmp_path_factory):
         wait_for_dashboard(url, head)
         yield url, add_worker, nodes
     finally:
-        for proc in reversed(nodes):
-            stop_node(proc)
+        stop_node(*nodes[1:])  # the worker nodes together, then the head
+        stop_node(head)
         # the worker nodes' logs kept beside the test's (pytest keeps its last runs' folders)
         for logs in short.glob("*/session_latest/logs"):
             shutil.copytree(logs, temp / f"worker-{logs.parents[1].name}-logs", dirs_exist_ok=True,
@@ -124,8 +124,10 @@ def test_teacher_replicas_grow_as_nodes_join(cluster, tiny_model, tmp_path):
 
     print(f"replicas (seconds, started, on nodes): {seen}; two nodes joined after sample {joined}; nodes {nodes}")
     assert joined is not None and nodes == 4, f"the two nodes did not join ({nodes} alive): {seen}"
-    before, after = [n for _, n, _, _ in seen[:joined]], [n for _, n, _, _ in seen[joined:]]
-    assert before and max(before) == 1, f"replicas before the nodes joined: {seen}"
+    # before the nodes joined, one replica ran (Ray Data may already ask for a second, which waits
+    # for a node: PENDING_CREATION, on none)
+    before, after = [k for _, _, k, _ in seen[:joined]], [n for _, n, _, _ in seen[joined:]]
+    assert before and max(before) <= 1, f"replicas running before the nodes joined: {seen}"
     assert after and max(after) >= 2, f"the teacher's replicas did not grow as nodes joined: {seen}"
     # and a second one came up on another node (a replica's node shows once its engine has started)
     assert max(k for _, _, k, _ in seen) >= 2, f"the replicas never ran on more than one node: {seen}"
@@ -163,7 +165,7 @@ def test_training_workers_are_placed_on_the_nodes_that_have_room(cluster, curate
     out = tmp_path / "student"
     done = cotd("submit", "train", "--config", "configs/train/quickstart.yaml", "--address", url, "--follow",
                 f"data={curated}", f"model={tiny_model}", f"out_dir={out}", "precision=fp32", "max_seq_len=256",
-                "epochs=1", "eval_every=100", "save_every=100", "val_accuracy_samples=2", "val_accuracy_max_tokens=8",
+                "max_steps=2", "eval_every=0", "save_every=100",
                 f"scaling.worker_resources={{{RESOURCE}: 1}}", timeout=900)
     (tmp_path / "job.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
