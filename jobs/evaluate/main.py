@@ -76,18 +76,19 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     retried = drop_rows(cache, "status", ERROR)
     done = existing_keys(cache, PREDICTION_KEY)
     kinds = {s.name: s.kind for s in cfg.suites}
-    unique = list({t.key(cfg): t for t in reversed(targets)}.values())[::-1]  # the first target of each key
+    keys = {t.name: t.key(cfg) for t in targets}  # each once (a key digests the adapter's files); names are unique
+    unique = list({keys[t.name]: t for t in reversed(targets)}.values())[::-1]  # the first target of each key
     samples: dict[str, int] = {}  # by key: the most any model of that key asks
     for t in targets:
-        samples[t.key(cfg)] = max(samples.get(t.key(cfg), 0), cfg.samples_for(t.name))
+        samples[keys[t.name]] = max(samples.get(keys[t.name], 0), cfg.samples_for(t.name))
     groups: dict[str, list] = {}
     for t in unique:
         groups.setdefault(_engine_key(t), []).append(t)
     work = []
     for group in groups.values():
-        work.append((group, _plan(cfg, group, suites, kinds, done, samples)))
+        work.append((group, _plan(cfg, group, keys, suites, kinds, done, samples)))
     todo = sum(len(r) for _, r in work)
-    total = sum(map(len, suites.values())) * sum(samples[t.key(cfg)] + 1 for t in unique)
+    total = sum(map(len, suites.values())) * sum(samples[keys[t.name]] + 1 for t in unique)
     log(f"{total} answers; {total - todo} already in {cache}"
         + (f" ({removed} partial files removed, {retried} failed answers asked again)" if removed or retried else "")
         + f"; {todo} to generate")
@@ -100,10 +101,10 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
             continue
         attempt = _run(cfg, group[0], rows, cache, log, label=f"eval {'+'.join(t.name for t in group)}")
         # the engine's time, shared among the models on it by their output tokens
-        tokens = {t.key(cfg): attempt["tokens_by_key"].get(t.key(cfg), 0) for t in group}
+        tokens = {keys[t.name]: attempt["tokens_by_key"].get(keys[t.name], 0) for t in group}
         all_tokens = max(1, sum(tokens.values()))
         for t in group:
-            k = t.key(cfg)
+            k = keys[t.name]
             prev = timing.get(k, {"requests": 0, "engine_seconds": 0.0})
             share = tokens[k] / all_tokens
             timing[k] = {"requests": prev["requests"] + attempt["requests_by_key"].get(k, 0),
@@ -120,9 +121,9 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
         if (r["suite"], r["problem_id"]) in wanted:
             by_key.setdefault(r["target_key"], []).append(r)
     # cached rows carry the label they were made under; the report uses this run's labels
-    preds = [{**r, "target": t.name, "role": t.role} for t in targets for r in by_key.get(t.key(cfg), [])]
+    preds = [{**r, "target": t.name, "role": t.role} for t in targets for r in by_key.get(keys[t.name], [])]
     items = R.items(preds)
-    costs = {t.name: _cost(t, [p for p in preds if p["target_key"] == t.key(cfg)], timing.get(t.key(cfg))) for t in targets}
+    costs = {t.name: _cost(t, [p for p in preds if p["target_key"] == keys[t.name]], timing.get(keys[t.name])) for t in targets}
     outputs = {(p["target"], p["suite"], p["problem_id"]): p["output"] for p in preds if p["sample_index"] == 0}
     described = [{"name": t.name, "role": t.role, "identity": t.identity, "prompt": to_dict(t.prompt),
                   "adapter": t.adapter} for t in targets]
@@ -150,22 +151,23 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     return manifest
 
 
-def _plan(cfg: EvalConfig, group: list, suites: dict, kinds: dict, done: set,
+def _plan(cfg: EvalConfig, group: list, keys: dict[str, str], suites: dict, kinds: dict, done: set,
           samples: dict[str, int]) -> list[dict[str, Any]]:
     """Request rows of the models that share one engine; the engine's tokenizer templates them.
-    `samples`: the sampled answers each target key gets besides the greedy one."""
+    `keys`: each model's cache key, by name; `samples`: the sampled answers each key gets besides
+    the greedy one."""
     from jobs.common.engine import load_tokenizer
     from jobs.evaluate.pipeline import plan_rows
     from jobs.formats.prompts import load_exemplars
 
-    missing = any(_missing(done, t.key(cfg), ps, samples[t.key(cfg)]) for t in group for ps in suites.values())
+    missing = any(_missing(done, keys[t.name], ps, samples[keys[t.name]]) for t in group for ps in suites.values())
     engine = group[0].engine
     tokenizer = load_tokenizer(engine.model) if missing and engine.backend == "vllm" else None
     per_model = []
     for t in group:
         pool = load_exemplars(t.prompt.exemplars)
         per_model.append([r for suite, problems in suites.items()
-                          for r in plan_rows(t, t.key(cfg), suite, kinds[suite], problems, samples[t.key(cfg)],
+                          for r in plan_rows(t, keys[t.name], suite, kinds[suite], problems, samples[keys[t.name]],
                                              cfg.sampling.temperature, cfg.seed, pool, tokenizer, skip=done)])
     # the models' rows taken in turn: every model advances together, and a stopped run holds
     # answers of each

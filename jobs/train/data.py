@@ -12,6 +12,7 @@ a packed example gets exactly the loss it has alone.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -110,29 +111,32 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
-class Tokenize:
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def tokenize_batch(batch: dict[str, Any], model_path: str, max_len: int, weights: dict[str, float],
+                   packing: bool = False) -> dict[str, Any]:
     """map_batches over curated examples -> training sequences (Arrow lists): one per example, or
     with `packing` the batch's examples packed (pack_batch). Carries the kind's loss weight; counts
-    truncated examples in `truncated`. One stage, so one actor, does both."""
-
-    def __init__(self, model_path: str, max_len: int, weights: dict[str, float], packing: bool = False):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.max_len, self.weights, self.packing = max_len, weights, packing
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, list] = {k: [] for k in (*SEQ_FIELDS, "truncated")}
-        for messages, kind in zip(batch["messages"], batch["kind"]):
-            weight = float(self.weights.get(str(kind), 1.0))
-            if weight == 0:
-                continue
-            ids, labels, cut = tokenize_example(json.loads(messages), self.tokenizer, self.max_len)
-            seq = example_sequence(ids, labels, weight)
-            for k in SEQ_FIELDS:
-                out[k].append(seq[k])
-            out["truncated"].append(cut)
-        return pack_batch(out, self.max_len) if self.packing else out
+    truncated examples in `truncated`. One stage does both. A Ray task: each worker process loads
+    the tokenizer once and keeps it for the next batch and the next split (an actor would start a
+    process of its own for each split)."""
+    tokenizer = _tokenizer(model_path)
+    out: dict[str, list] = {k: [] for k in (*SEQ_FIELDS, "truncated")}
+    for messages, kind in zip(batch["messages"], batch["kind"]):
+        weight = float(weights.get(str(kind), 1.0))
+        if weight == 0:
+            continue
+        ids, labels, cut = tokenize_example(json.loads(messages), tokenizer, max_len)
+        seq = example_sequence(ids, labels, weight)
+        for k in SEQ_FIELDS:
+            out[k].append(seq[k])
+        out["truncated"].append(cut)
+    return pack_batch(out, max_len) if packing else out
 
 
 def pack_batch(batch: dict[str, Any], max_len: int) -> dict[str, Any]:

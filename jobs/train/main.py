@@ -30,7 +30,7 @@ from jobs.common.runs import (MANIFEST, check_dataset, check_run_dir, claim_run_
 from jobs.common.schemas import TRAIN_READS
 from jobs.train.accuracy import accuracy_sample
 from jobs.train.config import TrainConfig
-from jobs.train.data import Tokenize
+from jobs.train.data import tokenize_batch
 from jobs.train.loop import EXPORT_DIR, STATE_FILE, train_loop
 
 STAGE = "train"
@@ -174,9 +174,11 @@ def _sequences(cfg: TrainConfig, model_path: str, files: list[Path]):
 
     ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["messages", "kind"])
     ds = ds.random_shuffle(seed=cfg.seed)
-    # packing works within each batch of 512 examples, so their order (the seeded shuffle) decides it
-    ds = ds.map_batches(Tokenize, fn_constructor_args=(model_path, cfg.max_seq_len, dict(cfg.weights), cfg.packing),
-                        batch_size=512, compute=ray.data.ActorPoolStrategy(size=1))
+    # packing works within each batch of 512 examples, so their order (the seeded shuffle) decides
+    # it; the batches' order kept too, so a rerun (a resumed job) streams the same sequences
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(tokenize_batch, fn_args=(model_path, cfg.max_seq_len, dict(cfg.weights), cfg.packing),
+                        batch_size=512)
     ds = ds.materialize()
     n = ds.count()
     # a plain projection read back, not an aggregation (which would start a shuffle)

@@ -45,17 +45,24 @@ def config(curated, out, model, **over) -> TrainConfig:
     return build(TrainConfig, data)
 
 
+def command_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a command of a test's own: no Ray token needed, no
+    RAY_ADDRESS inherited (each command chooses its cluster), and `extra`."""
+    import os
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def _cotd(args):
     """The command line, folder and environment of `cotd ARGS` run from the repository, with no
     RAY_ADDRESS inherited."""
-    import os
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(repo)}
-    env.pop("RAY_ADDRESS", None)
-    return {"args": [sys.executable, "-m", "jobs.cli", *args], "cwd": repo, "env": env}
+    return {"args": [sys.executable, "-m", "jobs.cli", *args], "cwd": repo, "env": command_env(PYTHONPATH=str(repo))}
 
 
 def cotd(*args: str, timeout: float = 600):
@@ -77,13 +84,10 @@ def ray_node(*args: str, temp=None, cores: str | None = None):
     from the session's local Ray); `stop_node` ends it. Its `python` is this environment's. With
     `cores` (a CPU list such as "1"), the node and every process it starts run on those cores
     alone, as a machine of its own would."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    env = command_env()  # PATH starts with this environment's bin (conftest.py)
     extra = [f"--temp-dir={temp}"] if temp else []
     pin = ["taskset", "-c", cores] if cores else []
     return subprocess.Popen([*pin, sys.executable, "-m", "ray.scripts.scripts", "start", *args, *extra, "--block",
@@ -91,29 +95,17 @@ def ray_node(*args: str, temp=None, cores: str | None = None):
                             start_new_session=True)
 
 
-def stop_node(*procs) -> None:
-    """End `ray start` nodes: all asked at once (each takes seconds to shut down), killed after 60 s."""
+def stop_node(proc) -> None:
+    """End a `ray start` node: SIGKILL to its process group (the node's every process; asked with
+    SIGTERM, a node takes over 30 s to shut down, which a test's throwaway node need not)."""
     import os
     import signal
-    import subprocess
-    import time
 
-    asked = []
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            asked.append(proc)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 60
-    for proc in asked:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def wait_for_dashboard(url: str, proc, seconds: float = 180) -> None:

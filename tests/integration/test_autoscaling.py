@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 # ports apart from the session's local Ray and the Jobs API test's head node
 GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 6393, 8273, 52401
 RESOURCE = "cotd_teacher"
-PROBLEMS, PATHS = 120, 4
+PROBLEMS, PATHS = 90, 4
 
 
 def replicas(url: str) -> list[tuple[str | None, str]]:
@@ -67,8 +67,8 @@ def cluster(tmp_path_factory):
         wait_for_dashboard(url, head)
         yield url, add_worker, nodes
     finally:
-        stop_node(*nodes[1:])  # the worker nodes together, then the head
-        stop_node(head)
+        for node in nodes[::-1]:  # the worker nodes, then the head
+            stop_node(node)
         # the worker nodes' logs kept beside the test's (pytest keeps its last runs' folders)
         for logs in short.glob("*/session_latest/logs"):
             shutil.copytree(logs, temp / f"worker-{logs.parents[1].name}-logs", dirs_exist_ok=True,
@@ -92,7 +92,7 @@ def test_teacher_replicas_grow_as_nodes_join(cluster, tiny_model, tmp_path):
 
     out = tmp_path / "gen"
     sources = json.dumps([{"type": "reasoning_gym", "tasks": [{"name": "basic_arithmetic", "size": PROBLEMS, "seed": 5}]}])
-    # batches of 2 rows, one in flight per replica: 240 batches wait, far more than one replica's share
+    # batches of 2 rows, one in flight per replica: 180 batches wait, far more than one replica's share
     # (Ray Data adds a replica while more than 1.75 x max_concurrent_batches tasks wait on each), and
     # enough that a replica added once the nodes join (its engine starts in 30-60 s here) has work left
     args = ["submit", "generate", "--config", "configs/generate/quickstart.yaml", "--address", url, "--follow",

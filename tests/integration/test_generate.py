@@ -4,7 +4,6 @@ and bad input refused before anything is written."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from jobs.common.runs import read_dataset
 from jobs.generate.config import GenerateConfig
 from jobs.generate.main import main
 from jobs.common.schemas import CHAIN_SCHEMA
-from shared import dotted
+from shared import command_env, dotted
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +85,7 @@ def test_generate_writes_graded_chains_and_manifest(tmp_path, tiny_model, ray_se
 
 
 def cli(*args, timeout=600, **kw):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env = command_env(PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common.runs import part_files, read_dataset, read_json
+from shared import command_env
 from test_http_teacher import TeacherServer
 
 pytestmark = pytest.mark.integration
@@ -25,8 +26,7 @@ PROBLEMS = 40
 
 
 def start(cfg: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
+    env = command_env(PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(cfg)], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -90,8 +90,7 @@ def test_a_run_killed_in_generation_and_in_training_finishes_with_nothing_lost(t
         curated_at = read_json(run / "curated" / "manifest.json")["finished_at"]
 
         # 3. run again: generation has nothing to do, curation is up to date, training resumes
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-        env.pop("RAY_ADDRESS", None)
+        env = command_env(PYTHONPATH=str(REPO))
         done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(cfg)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
     finally:

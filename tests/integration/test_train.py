@@ -21,7 +21,7 @@ from jobs.common.errors import CotdError
 from jobs.common.schemas import METRIC_FIELDS
 from jobs.train.config import TrainConfig
 from jobs.train.main import main
-from shared import LORA, config
+from shared import LORA, command_env, config
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ def test_rerun_after_the_job_is_killed_resumes_from_its_checkpoint(tmp_path, lor
     settings = to_dict(config(curated, out, tiny_model, **LORA))
     cfg = tmp_path / "train.yaml"
     cfg.write_text(json.dumps(settings))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env = command_env(PYTHONPATH=str(REPO))
     log = tmp_path / "first-run.log"
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(cfg)], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
