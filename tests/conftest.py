@@ -4,16 +4,11 @@ and one local Ray for the whole session."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token prompt for the test's local cluster
-# the environment's own commands first on PATH, as when it is activated, for every process the tests
-# start (a job's `python`, the multi-node tests' nodes): DeepSpeed builds its JIT ops with the
-# `ninja` on PATH, and two ninja versions over one build folder rebuild it whenever they alternate
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
@@ -59,17 +54,10 @@ def ray_session():
     ray.shutdown()
 
 
-# Run last: the multi-node tests pin each worker node to one core, so what is built once per checkout
-# (DeepSpeed's JIT ops: 40 s on both cores, over 2 minutes on one) is better built by the tests before
-LAST = ("test_autoscaling.py",)
-
-
 def pytest_collection_modifyitems(config, items):
-    """The multi-node tests last; tests marked `gpu` need a CUDA GPU (and vLLM's GPU build):
-    elsewhere they are skipped, by name."""
+    """Tests marked `gpu` need a CUDA GPU (and vLLM's GPU build): elsewhere they are skipped, by name."""
     import torch
 
-    items.sort(key=lambda item: item.path.name in LAST)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")

@@ -90,6 +90,10 @@ def one_rank(cuda: bool, port: str) -> None:
 
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": os.environ.get("MASTER_PORT", port)})
+    if not cuda:
+        from jobs.train.loop import skip_unused_cpu_ops
+
+        skip_unused_cpu_ops()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 

@@ -65,7 +65,7 @@ def main(cfg: CurateConfig, log=emit) -> dict[str, Any]:
 
     judge_tok = init_ray_while(cfg.ray, partial(load_tokenizer, judge_path), log=log)
     chains = ray.data.read_parquet([str(f) for f in files]).select_columns(list(CURATE_READS))
-    partitions = max(1, min(64, len(files) // 8 + 1))
+    partitions = shuffle_partitions(files)
     log(f"curating {chains_dir} ({len(files)} part files)")
 
     # screen + judge: the judge rates only chains that passed the cheap checks
@@ -120,6 +120,20 @@ def main(cfg: CurateConfig, log=emit) -> dict[str, Any]:
     log("\n" + format_summary(summary))
     log(f"train: {out / 'train'}\nval: {out / 'val'}\nreport: {out / 'report.md'}")
     return manifest
+
+
+# chains per partition of the by-problem shuffle: each partition is an aggregator of its own (a
+# worker process), which costs seconds to start on a small machine, so small inputs get one
+ROWS_PER_PARTITION = 20_000
+
+
+def shuffle_partitions(files: list[Path]) -> int:
+    """Partitions of the by-problem shuffle for these part files: one per ROWS_PER_PARTITION chains
+    (counted from the files' Parquet footers), 1 to 64, however many files hold them."""
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return max(1, min(64, -(-rows // ROWS_PER_PARTITION)))
 
 
 def check_chains(path: str, out: Path) -> tuple[Path, list[Path], str | None]:

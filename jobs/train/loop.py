@@ -56,28 +56,21 @@ def build_model(cfg, model_path: str, dtype):
     return model
 
 
-# DeepSpeed compiles its CPU communication op (shm) on first use, under torch's build lock. A build
-# killed midway leaves the lock behind and every later run waits on it forever, silently. A lock
-# older than this, in a folder where nothing has been written for as long, is left from such a build.
-STALE_BUILD_LOCK_S = 600
+UNUSED_CPU_OPS = ("deepspeed_shm_comm",)
 
 
-def clear_stale_build_lock(name: str = "deepspeed_shm_comm", stale_s: float = STALE_BUILD_LOCK_S, log=print) -> bool:
-    """Remove torch's extension build lock of `name` when a killed build left it (see
-    STALE_BUILD_LOCK_S); True when one was removed."""
-    from torch.utils.cpp_extension import _get_build_directory
+def skip_unused_cpu_ops() -> None:
+    """Keep DeepSpeed from compiling ops cotd's training never calls. When its comm starts on CPU it
+    builds its shared-memory all-reduce (a C++ op: about 40 s on 2 cores, once per machine, again
+    whenever the build tools change, and a build killed midway left a lock later runs waited on
+    forever). Only DeepSpeed's tensor-parallel inference all-reduce uses that op; training's
+    all-reduce is the process group's (gloo on CPU). DeepSpeed reads which ops this machine can
+    build from one dict, kept once probed; an op marked there as incompatible is not built. Call
+    before DeepSpeed's comm starts (deepspeed.initialize or init_distributed), on CPU."""
+    import deepspeed.ops
 
-    folder = Path(_get_build_directory(name, verbose=False))
-    lock = folder / "lock"
-    try:
-        newest = max(f.stat().st_mtime for f in folder.iterdir())
-        if time.time() - newest < stale_s:
-            return False
-        lock.unlink()
-    except (FileNotFoundError, ValueError):
-        return False
-    log(f"removed a stale build lock left by a killed build: {lock}")
-    return True
+    for name in UNUSED_CPU_OPS:
+        deepspeed.ops.__compatible_ops__[name] = False
 
 
 def build_engine(cfg, model_path: str, ds_config: dict[str, Any]):
@@ -92,7 +85,7 @@ def build_engine(cfg, model_path: str, ds_config: dict[str, Any]):
 
     model = build_model(cfg, model_path, torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
     if not torch.cuda.is_available():
-        clear_stale_build_lock()
+        skip_unused_cpu_ops()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         dist_init_required=False)

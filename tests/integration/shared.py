@@ -46,11 +46,16 @@ def config(curated, out, model, **over) -> TrainConfig:
 
 
 def command_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a command of a test's own: no Ray token needed, no
-    RAY_ADDRESS inherited (each command chooses its cluster), and `extra`."""
+    """This process's environment for a command of a test's own, as from a shell with the
+    environment activated (its bin first on PATH: a Jobs API entrypoint's `python` is this
+    environment's): no Ray token needed, no RAY_ADDRESS inherited (each command chooses its
+    cluster), and `extra`."""
     import os
+    import sys
+    from pathlib import Path
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **extra}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -72,11 +77,12 @@ def cotd(*args: str, timeout: float = 600):
     return subprocess.run(**_cotd(args), capture_output=True, text=True, timeout=timeout)
 
 
-def cotd_start(*args: str, log):
-    """`cotd ARGS` started in a process of its own, its output to the open file `log`; not waited for."""
+def cotd_start(*args: str, log, group: bool = False):
+    """`cotd ARGS` started in a process of its own, its output to the open file `log`; not waited
+    for. With `group`, in a process group of its own (a test kills the whole group)."""
     import subprocess
 
-    return subprocess.Popen(**_cotd(args), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(**_cotd(args), stdout=log, stderr=subprocess.STDOUT, start_new_session=group)
 
 
 def ray_node(*args: str, temp=None, cores: str | None = None):
@@ -87,7 +93,7 @@ def ray_node(*args: str, temp=None, cores: str | None = None):
     import subprocess
     import sys
 
-    env = command_env()  # PATH starts with this environment's bin (conftest.py)
+    env = command_env()
     extra = [f"--temp-dir={temp}"] if temp else []
     pin = ["taskset", "-c", cores] if cores else []
     return subprocess.Popen([*pin, sys.executable, "-m", "ray.scripts.scripts", "start", *args, *extra, "--block",

@@ -4,8 +4,6 @@ and bad input refused before anything is written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ from jobs.common.runs import read_dataset
 from jobs.generate.config import GenerateConfig
 from jobs.generate.main import main
 from jobs.common.schemas import CHAIN_SCHEMA
-from shared import command_env, dotted
+from shared import cotd, dotted
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -84,12 +82,6 @@ def test_generate_writes_graded_chains_and_manifest(tmp_path, tiny_model, ray_se
     assert any("accuracy" in line for line in lines)                  # summary table
 
 
-def cli(*args, timeout=600, **kw):
-    env = command_env(PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
-
-
 @pytest.mark.parametrize("setup, override, message", [
     ("bad_jsonl", "sources=[{type: jsonl, path: BAD}]", ":2: not valid JSON"),
     ("missing_field", "sources=[{type: jsonl, path: BAD}]", ":1: missing field 'question'"),
@@ -104,7 +96,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, setup, overri
     elif setup == "missing_field":
         bad.write_text('{"prompt": "q", "answer": "1"}\n')
     out = tmp_path / "out"
-    res = cli("generate", "--config", str(REPO / "configs/generate/quickstart.yaml"), f"out_dir={out}",
+    res = cotd("generate", "--config", str(REPO / "configs/generate/quickstart.yaml"), f"out_dir={out}",
               override.replace("BAD", str(bad)))
     assert res.returncode == 2
     assert message in res.stderr and res.stderr.startswith("cotd: error:")

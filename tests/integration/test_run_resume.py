@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,18 +16,15 @@ from pathlib import Path
 import pytest
 
 from jobs.common.runs import part_files, read_dataset, read_json
-from shared import command_env
+from shared import cotd, cotd_start
 from test_http_teacher import TeacherServer
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 PROBLEMS = 40
 
 
 def start(cfg: Path, log: Path) -> subprocess.Popen:
-    env = command_env(PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(cfg)], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return cotd_start("run", str(cfg), log=log.open("w"), group=True)
 
 
 def kill_when(proc: subprocess.Popen, ready, what: str, run: Path, timeout: float = 400) -> None:
@@ -90,9 +86,7 @@ def test_a_run_killed_in_generation_and_in_training_finishes_with_nothing_lost(t
         curated_at = read_json(run / "curated" / "manifest.json")["finished_at"]
 
         # 3. run again: generation has nothing to do, curation is up to date, training resumes
-        env = command_env(PYTHONPATH=str(REPO))
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(cfg)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = cotd("run", str(cfg))
     finally:
         server.shutdown()
     out = done.stdout + done.stderr

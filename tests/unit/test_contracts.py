@@ -128,3 +128,16 @@ def test_docs_document_every_column_and_metric():
         missing = [n for n in schema.names if f"`{n}`" not in doc]
         assert not missing, f"docs/schema.md does not document {missing}"
     assert not [k for k in METRIC_FIELDS if f"`{k}`" not in doc]
+
+
+def test_the_shuffle_has_a_partition_per_20k_chains_however_many_files_hold_them(tmp_path, monkeypatch):
+    """Many small part files (write_rows=1) are few chains: one partition, not one per 8 files."""
+    import jobs.curate.main as curate
+
+    generated_chains(tmp_path / "chains")
+    files = [p for p in (tmp_path / "chains").glob("part-*.parquet")] * 40
+    assert curate.shuffle_partitions(files) == 1
+    monkeypatch.setattr(curate, "ROWS_PER_PARTITION", 100)
+    assert curate.shuffle_partitions(files) == 3  # 240 chains
+    monkeypatch.setattr(curate, "ROWS_PER_PARTITION", 1)
+    assert curate.shuffle_partitions(files) == 64

@@ -24,9 +24,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from jobs.common.config import build
 from jobs.train.config import TrainConfig, deepspeed_config
 from jobs.train.data import collate_packed, example_sequence
-from jobs.train.loop import build_engine, optimizer_step
+from jobs.train.loop import build_engine, optimizer_step, skip_unused_cpu_ops
 
 folder, micro, steps, accum, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+skip_unused_cpu_ops()  # as training does
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 if rank == 0 and not os.path.exists(os.path.join(folder, "config.json")):

@@ -22,9 +22,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from jobs.common.config import build
 from jobs.train.config import FIRST_ITERATION, TrainConfig, deepspeed_config
 from jobs.train.data import collate_packed, example_sequence, pack
-from jobs.train.loop import build_model, optimizer_step
+from jobs.train.loop import build_model, optimizer_step, skip_unused_cpu_ops
 
 folder, stage, precision, offload = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "offload"
+skip_unused_cpu_ops()  # as training does
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(0)
 LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
