@@ -84,9 +84,8 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     groups: dict[str, list] = {}
     for t in unique:
         groups.setdefault(_engine_key(t), []).append(t)
-    work = []
-    for group in groups.values():
-        work.append((group, _plan(cfg, group, keys, suites, kinds, done, samples)))
+    asks = {t.name: (keys[t.name], samples[keys[t.name]]) for t in unique}
+    work = [(group, _plan(cfg, group, asks, suites, kinds, done)) for group in groups.values()]
     todo = sum(len(r) for _, r in work)
     total = sum(map(len, suites.values())) * sum(samples[keys[t.name]] + 1 for t in unique)
     log(f"{total} answers; {total - todo} already in {cache}"
@@ -151,23 +150,23 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     return manifest
 
 
-def _plan(cfg: EvalConfig, group: list, keys: dict[str, str], suites: dict, kinds: dict, done: set,
-          samples: dict[str, int]) -> list[dict[str, Any]]:
+def _plan(cfg: EvalConfig, group: list, asks: dict[str, tuple[str, int]], suites: dict, kinds: dict,
+          done: set) -> list[dict[str, Any]]:
     """Request rows of the models that share one engine; the engine's tokenizer templates them.
-    `keys`: each model's cache key, by name; `samples`: the sampled answers each key gets besides
-    the greedy one."""
+    `asks`: by model name, its cache key and the sampled answers it gets besides the greedy one."""
     from jobs.common.engine import load_tokenizer
     from jobs.evaluate.pipeline import plan_rows
     from jobs.formats.prompts import load_exemplars
 
-    missing = any(_missing(done, keys[t.name], ps, samples[keys[t.name]]) for t in group for ps in suites.values())
+    missing = any(_missing(done, asks[t.name][0], ps, asks[t.name][1]) for t in group for ps in suites.values())
     engine = group[0].engine
     tokenizer = load_tokenizer(engine.model) if missing and engine.backend == "vllm" else None
     per_model = []
     for t in group:
         pool = load_exemplars(t.prompt.exemplars)
+        key, samples = asks[t.name]
         per_model.append([r for suite, problems in suites.items()
-                          for r in plan_rows(t, keys[t.name], suite, kinds[suite], problems, samples[keys[t.name]],
+                          for r in plan_rows(t, key, suite, kinds[suite], problems, samples,
                                              cfg.sampling.temperature, cfg.seed, pool, tokenizer, skip=done)])
     # the models' rows taken in turn: every model advances together, and a stopped run holds
     # answers of each
