@@ -55,7 +55,7 @@ def main(cfg: CurateConfig, log=emit) -> dict[str, Any]:
     out = Path(cfg.out_dir)
 
     # validate: the chains, the general data and the judge model, before any work starts
-    chains_dir, files, teacher = check_chains(cfg.chains, out)
+    chains_dir, files, rows, teacher = check_chains(cfg.chains, out)
     general = load_problems(cfg.mix.sources) if cfg.mix.sources and cfg.mix.ratio > 0 else []
     judge_llm = _judge_llm(cfg, teacher)
     judge_path = model_path(judge_llm, log) if judge_llm is not None else None
@@ -65,7 +65,7 @@ def main(cfg: CurateConfig, log=emit) -> dict[str, Any]:
 
     judge_tok = init_ray_while(cfg.ray, partial(load_tokenizer, judge_path), log=log)
     chains = ray.data.read_parquet([str(f) for f in files]).select_columns(list(CURATE_READS))
-    partitions = shuffle_partitions(files)
+    partitions = shuffle_partitions(rows)
     log(f"curating {chains_dir} ({len(files)} part files)")
 
     # screen + judge: the judge rates only chains that passed the cheap checks
@@ -127,18 +127,16 @@ def main(cfg: CurateConfig, log=emit) -> dict[str, Any]:
 ROWS_PER_PARTITION = 20_000
 
 
-def shuffle_partitions(files: list[Path]) -> int:
-    """Partitions of the by-problem shuffle for these part files: one per ROWS_PER_PARTITION chains
-    (counted from the files' Parquet footers), 1 to 64, however many files hold them."""
-    import pyarrow.parquet as pq
-
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+def shuffle_partitions(rows: int) -> int:
+    """Partitions of the by-problem shuffle for `rows` chains: one per ROWS_PER_PARTITION, 1 to 64,
+    however many part files hold them."""
     return max(1, min(64, -(-rows // ROWS_PER_PARTITION)))
 
 
-def check_chains(path: str, out: Path) -> tuple[Path, list[Path], str | None]:
-    """The chains folder (given, or <path>/chains), its part files, and the teacher that wrote them;
-    DataError when it is missing, empty, unreadable or lacks columns curation needs."""
+def check_chains(path: str, out: Path) -> tuple[Path, list[Path], int, str | None]:
+    """The chains folder (given, or <path>/chains), its part files, how many chains they hold, and
+    the teacher that wrote them; DataError when it is missing, empty, unreadable or lacks columns
+    curation needs."""
     import pyarrow.parquet as pq
 
     folder = Path(path)
@@ -147,8 +145,9 @@ def check_chains(path: str, out: Path) -> tuple[Path, list[Path], str | None]:
     if folder.exists() and (folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents):
         raise DataError(f"out_dir {out} would overwrite the chains in {folder}; choose another out_dir")
     files = check_dataset(folder, CURATE_READS, "chains", "cotd generate")
-    teachers = {t for f in files for t in pq.read_table(f, columns=["teacher_model"]).column("teacher_model").to_pylist() if t}
-    return folder, files, (sorted(teachers)[0] if len(teachers) == 1 else None)
+    columns = [pq.read_table(f, columns=["teacher_model"]).column("teacher_model") for f in files]
+    teachers = {t for c in columns for t in c.to_pylist() if t}
+    return folder, files, sum(len(c) for c in columns), (sorted(teachers)[0] if len(teachers) == 1 else None)
 
 
 def _judge_llm(cfg: CurateConfig, teacher: str | None):

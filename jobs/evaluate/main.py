@@ -87,7 +87,7 @@ def main(cfg: EvalConfig, log=emit) -> dict[str, Any]:
     asks = {t.name: (keys[t.name], samples[keys[t.name]]) for t in unique}
     work = [(group, _plan(cfg, group, asks, suites, kinds, done)) for group in groups.values()]
     todo = sum(len(r) for _, r in work)
-    total = sum(map(len, suites.values())) * sum(samples[keys[t.name]] + 1 for t in unique)
+    total = sum(map(len, suites.values())) * sum(n + 1 for _, n in asks.values())
     log(f"{total} answers; {total - todo} already in {cache}"
         + (f" ({removed} partial files removed, {retried} failed answers asked again)" if removed or retried else "")
         + f"; {todo} to generate")
@@ -158,7 +158,7 @@ def _plan(cfg: EvalConfig, group: list, asks: dict[str, tuple[str, int]], suites
     from jobs.evaluate.pipeline import plan_rows
     from jobs.formats.prompts import load_exemplars
 
-    missing = any(_missing(done, asks[t.name][0], ps, asks[t.name][1]) for t in group for ps in suites.values())
+    missing = any(_missing(done, key, ps, n) for key, n in (asks[t.name] for t in group) for ps in suites.values())
     engine = group[0].engine
     tokenizer = load_tokenizer(engine.model) if missing and engine.backend == "vllm" else None
     per_model = []

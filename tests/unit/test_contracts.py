@@ -51,8 +51,8 @@ def generated_chains(folder):
 
 def test_what_generate_writes_is_what_curate_reads(tmp_path):
     chains = generated_chains(tmp_path / "run" / "chains")
-    folder, files, teacher = check_chains(str(tmp_path / "run"), tmp_path / "curated")
-    assert folder == tmp_path / "run" / "chains" and teacher == "m"
+    folder, files, rows, teacher = check_chains(str(tmp_path / "run"), tmp_path / "curated")
+    assert folder == tmp_path / "run" / "chains" and teacher == "m" and rows == len(chains)
     table = pq.read_table(files, columns=list(CURATE_READS))
     cfg = build(CurateConfig, {"chains": str(folder), "out_dir": str(tmp_path / "curated")})
     by_problem = {}
@@ -134,10 +134,11 @@ def test_the_shuffle_has_a_partition_per_20k_chains_however_many_files_hold_them
     """Many small part files (write_rows=1) are few chains: one partition, not one per 8 files."""
     import jobs.curate.main as curate
 
-    generated_chains(tmp_path / "chains")
-    files = [p for p in (tmp_path / "chains").glob("part-*.parquet")] * 40
-    assert curate.shuffle_partitions(files) == 1
+    for _ in range(40):  # 40 part files of 6 chains
+        generated_chains(tmp_path / "run" / "chains")
+    _, files, rows, _ = curate.check_chains(str(tmp_path / "run"), tmp_path / "curated")
+    assert len(files) == 40 and rows == 240 and curate.shuffle_partitions(rows) == 1
     monkeypatch.setattr(curate, "ROWS_PER_PARTITION", 100)
-    assert curate.shuffle_partitions(files) == 3  # 240 chains
+    assert curate.shuffle_partitions(rows) == 3
     monkeypatch.setattr(curate, "ROWS_PER_PARTITION", 1)
-    assert curate.shuffle_partitions(files) == 64
+    assert curate.shuffle_partitions(rows) == 64
