@@ -121,17 +121,18 @@ def split(matched: list[tuple[dict, dict]]) -> tuple[list, list]:
 
 
 def route_all(calibration: dict[str, Any], matched: list[tuple[dict, dict]], kind: str, signal: str = "logprob") -> dict[str, Any]:
-    """What a policy does on held-out pairs: accuracy, share escalated (student answers when not)."""
+    """What a policy does on held-out pairs: accuracy, share escalated (student answers when not),
+    and whether the answer it chose was right, per pair."""
     threshold = (calibration["thresholds"].get(signal) or {}).get("threshold") if kind == "confidence" else None
     if kind == "confidence" and threshold is None:
-        return {"accuracy": None, "escalated": None, "n": len(matched)}
-    right = escalated = 0
+        return {"accuracy": None, "escalated": None, "n": len(matched), "right": []}
+    right, escalated = [], 0
     for s, t in matched:
         d = decide(kind, signals_of(s), signal=signal, threshold=threshold, learned=calibration.get("learned"))
         escalated += d.target == "teacher"
-        right += bool(t["correct"] if d.target == "teacher" else s["correct"])
+        right.append(bool(t["correct"] if d.target == "teacher" else s["correct"]))
     n = len(matched)
-    return {"accuracy": right / n if n else None, "escalated": escalated / n if n else None, "n": n}
+    return {"accuracy": sum(right) / n if n else None, "escalated": escalated / n if n else None, "n": n, "right": right}
 
 
 def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, student: str = "student",
@@ -146,7 +147,7 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
                 **{f"confidence:{s}": ("confidence", s) for s in SIGNALS}, "learned": ("learned", None)}
     results: dict[str, Any] = {}
     for name, (kind, signal) in policies.items():
-        right = escalated = n = 0
+        right, teacher_right, escalated = [], [], 0.0
         for fit_on, test_on in ((halves[0], halves[1]), (halves[1], halves[0])):
             if not fit_on or not test_on:
                 continue
@@ -159,10 +160,14 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
             r = route_all(cal, test_on, kind, signal or "logprob")
             if r["accuracy"] is None:
                 continue
-            right += r["accuracy"] * r["n"]
+            right += r["right"]
+            teacher_right += [bool(t["correct"]) for _, t in test_on]
             escalated += r["escalated"] * r["n"]
-            n += r["n"]
-        results[name] = {"accuracy": right / n if n else None, "escalated": escalated / n if n else None, "n": n}
+        n = len(right)
+        # the share of the teacher's accuracy on the same problems, with its paired interval
+        share = M.recovery(right, teacher_right) if n else {"value": None, "ci": None}
+        results[name] = {"accuracy": sum(right) / n if n else None, "escalated": escalated / n if n else None, "n": n,
+                         "share_of_teacher": share["value"], "share_ci": share["ci"]}
     sc = [bool(s["correct"]) for s, _ in matched]
     tc = [bool(t["correct"]) for _, t in matched]
     weak, strong = (float(np.mean(sc)), float(np.mean(tc))) if matched else (0.0, 0.0)
@@ -170,9 +175,6 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
     for signal in SIGNALS:
         conf = [signals_of(s).agreement if signal == "agreement" else signals_of(s).token_confidence for s, _ in matched]
         if matched and all(c is not None for c in conf):
-            curve = M.escalation_curve(conf, sc, tc)
-            curves[signal] = {"curve": curve, "apgr": M.apgr(curve, weak, strong),
-                              "escalation_for_share": {str(x): M.calls_for_share(curve, weak, strong, x)
-                                                       for x in (0.5, 0.8, 0.95)}}
+            curves[signal] = M.router_summary(conf, sc, tc, (0.5, 0.8, 0.95))
     return {"n": len(matched), "student_accuracy": weak, "teacher_accuracy": strong, "target_share": target_share,
             "policies": results, "curves": curves}

@@ -102,15 +102,18 @@ def calibrate_main(argv: list[str], log=emit) -> int:
     ap.add_argument("--items", required=True, help="the items/ folder `cotd eval` wrote")
     ap.add_argument("--out", required=True, help="where to write router.json")
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--target-share", type=float, help="reach this share of the teacher's accuracy (default 0.95)")
+    group.add_argument("--target-share", type=float,
+                       help="reach this share of the teacher's accuracy (default 0.95; above 1 where the student "
+                            "is right on problems the teacher is not, and the router can beat the teacher)")
     group.add_argument("--budget", type=float, help="escalate at most this share of queries")
     ap.add_argument("--student", default="student")
     ap.add_argument("--teacher", default="teacher")
     args = ap.parse_args(argv)
     share = args.target_share if args.target_share is not None or args.budget is not None else 0.95
-    for name, value in (("--target-share", share), ("--budget", args.budget)):
-        if value is not None and not 0 < value <= 1:
-            raise DataError(f"{name} must be in (0, 1], got {value}")
+    if share is not None and not 0 < share:
+        raise DataError(f"--target-share must be above 0, got {share}")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise DataError(f"--budget must be in (0, 1], got {args.budget}")
     calibrate_items(Path(args.items), Path(args.out), share if args.budget is None else None, args.budget,
                     args.student, args.teacher, log=log)
     log(f"router: {args.out}")

@@ -170,16 +170,24 @@ def quality(args) -> None:
     cq = cost_quality(read_dataset(args.items).to_pylist(), target_share=args.target_share)
     print(f"{cq['n']} held-out problems: student {cq['student_accuracy']:.1%}, teacher {cq['teacher_accuracy']:.1%}; "
           f"thresholds calibrated to {args.target_share:.0%} of the teacher on one half, measured on the other")
-    print(f"{'policy':<22}{'accuracy':>10}{'share of teacher':>18}{'escalated':>11}")
+    print(f"{'policy':<22}{'accuracy':>10}{'share of teacher [95% interval]':>33}{'escalated':>11}")
     for name, p in cq["policies"].items():
         if p["accuracy"] is None:
             continue
-        share = p["accuracy"] / cq["teacher_accuracy"] if cq["teacher_accuracy"] else float("nan")
-        print(f"{name:<22}{p['accuracy']:>10.1%}{share:>18.1%}{p['escalated']:>11.1%}")
+        share, ci = p["share_of_teacher"], p["share_ci"]
+        cell = "-" if share is None else f"{share:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
+        part = "" if p["n"] == cq["n"] else f"  (on {p['n']} of the {cq['n']}: one half's floor is out of its reach)"
+        print(f"{name:<22}{p['accuracy']:>10.1%}{cell:>33}{p['escalated']:>11.1%}{part}")
     for signal, c in cq["curves"].items():
-        f = c["escalation_for_share"]
-        print(f"{signal}: APGR {c['apgr']:.3f}; escalation for 50/80/95% of the teacher's quality: "
-              + " / ".join("-" if f[k] is None else f"{f[k]:.0%}" for k in ("0.5", "0.8", "0.95")))
+        f, best, gap = c["escalation_for_share"], c["best"], c["gap"]
+        apgr = "-" if c["apgr"] is None else f"{c['apgr']:.3f}" + ("" if c["apgr_reliable"] else " (the gap it divides by is uncertain)")
+        print(f"{signal}: APGR {apgr}; escalation for 50/80/95% of the teacher's quality: "
+              + " / ".join("-" if f[k] is None else f"{f[k]:.0%}" for k in ("0.5", "0.8", "0.95"))
+              + f"; best point {best['accuracy']:.1%} with {best['rate']:.0%} escalated")
+    if any(not c["apgr_reliable"] for c in cq["curves"].values()):
+        gap = next(iter(cq["curves"].values()))["gap"]
+        print(f"the teacher leads the student by {100 * gap['value']:+.1f} pts [{100 * gap['ci'][0]:+.1f}, "
+              f"{100 * gap['ci'][1]:+.1f}]: APGR divides by that gap, whose interval reaches zero")
     if args.plot:
         import matplotlib
 
@@ -188,7 +196,7 @@ def quality(args) -> None:
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for signal, c in cq["curves"].items():
-            ax.plot([p["rate"] for p in c["curve"]], [p["accuracy"] for p in c["curve"]], "-", label=f"confidence: {signal}")
+            ax.plot([p["rate"] for p in c["escalation"]], [p["accuracy"] for p in c["escalation"]], "-", label=f"confidence: {signal}")
         for name, p in cq["policies"].items():
             if p["accuracy"] is not None:
                 ax.plot([p["escalated"]], [p["accuracy"]], "o", label=name)

@@ -17,9 +17,12 @@ EVERY_S = 10.0  # seconds between log lines when the output is not a terminal
 
 
 def emit(line: str) -> None:
-    """The default `log` of every stage: print, flushed, whatever stdout is (a pipe or a file is
-    block-buffered by default, and a progress line would wait for the buffer to fill)."""
-    print(line, flush=True)
+    """The default `log` of every stage: one line on stdout, flushed, whatever stdout is (a pipe or a
+    file is block-buffered by default, and a progress line would wait for the buffer to fill).
+    Written to the stream, not through `print`: Ray Train's workers replace `print` with one that
+    prints and also logs to the console, which showed every training progress line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class Progress:

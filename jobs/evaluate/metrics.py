@@ -170,7 +170,12 @@ def threshold_for(confidence: Sequence[float], student: Sequence[bool], teacher:
     if n == 0:
         return None
     order = np.lexsort((np.arange(n), conf))
-    curve = escalation_curve(conf, student, teacher, rates=[m / n for m in range(n + 1)])
+    sorted_conf = conf[order]
+    # a threshold escalates everything below it: only cuts between two different confidences (or
+    # none, or all) are thresholds a router can apply; a cut inside a run of equal values (agreement
+    # of k samples takes k values) would promise escalations the threshold does not make
+    cuts = [m for m in range(n + 1) if m in (0, n) or sorted_conf[m - 1] < sorted_conf[m]]
+    curve = escalation_curve(conf, student, teacher, rates=[m / n for m in cuts])
     if budget is not None:
         curve = [c for c in curve if c["rate"] <= budget + 1e-12]
         best = max(curve, key=lambda c: (c["accuracy"], -c["rate"]))
@@ -181,7 +186,6 @@ def threshold_for(confidence: Sequence[float], student: Sequence[bool], teacher:
         best = meets[0]
     m = best["escalated"]
     # escalate items whose confidence is below the threshold: between the m-th and (m+1)-th least confident
-    sorted_conf = conf[order]
     if m == 0:
         threshold = float(sorted_conf[0]) if n else 0.0
     elif m == n:
@@ -199,6 +203,30 @@ def apgr(curve: list[dict[str, float]], weak: float, strong: float) -> float | N
     xs = np.array([c["rate"] for c in curve])
     ys = (np.array([c["accuracy"] for c in curve]) - weak) / (strong - weak)
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
+
+
+def best_point(curve: list[dict[str, float]]) -> dict[str, float] | None:
+    """The router's best point on the curve: the highest accuracy, at the lowest escalation rate
+    that reaches it. Above the teacher's accuracy where the two models are right on different
+    problems and the signal tells which."""
+    points = [c for c in curve if c["accuracy"] is not None]
+    return max(points, key=lambda c: (c["accuracy"], -c["rate"])) if points else None
+
+
+def router_summary(signal: Sequence[float], student: Sequence[bool], teacher: Sequence[bool],
+                   shares: Sequence[float], **boot: Any) -> dict[str, Any]:
+    """What a confidence `signal` buys a router on paired items: the escalation curve, RouteLLM's
+    APGR and the escalation each share of the teacher's quality needs, the best point, and the
+    teacher-minus-student gap with its paired interval. APGR divides by that gap: `apgr_reliable`
+    is False when its interval reaches 0 (or the student is the better model), where APGR is no
+    summary to act on and the best point is."""
+    curve = escalation_curve(signal, student, teacher)
+    weak, strong = float(np.mean(student)), float(np.mean(teacher))
+    gap = gain(teacher, student, **boot)
+    return {"escalation": curve, "apgr": apgr(curve, weak, strong),
+            "escalation_for_share": {str(x): calls_for_share(curve, weak, strong, x) for x in shares},
+            "best": best_point(curve), "gap": gap,
+            "apgr_reliable": bool(gap["ci"] is not None and gap["ci"][0] > 0)}
 
 
 def calls_for_share(curve: list[dict[str, float]], weak: float, strong: float, share: float) -> float | None:

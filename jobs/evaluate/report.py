@@ -159,12 +159,8 @@ def build_report(all_items: list[dict[str, Any]], targets: list[dict[str, Any]],
                 continue
             c = [confidence(s, signal) for s, _ in usable]
             sc, tc = [s["correct"] for s, _ in usable], [t["correct"] for _, t in usable]
-            curve = M.escalation_curve(c, sc, tc)
-            weak, strong = float(np.mean(sc)), float(np.mean(tc))
-            report["calibration"][signal] = {
-                "n": len(usable), "reliability": M.reliability(c, sc), "escalation": curve,
-                "apgr": M.apgr(curve, weak, strong),
-                "escalation_for_share": {str(x): M.calls_for_share(curve, weak, strong, x) for x in SHARES}}
+            report["calibration"][signal] = {"n": len(usable), "reliability": M.reliability(c, sc),
+                                             **M.router_summary(c, sc, tc, SHARES, **boot)}
 
     # cost: per query and per 1,000 queries, and what answering with the student saves
     for name, c in costs.items():
@@ -286,11 +282,20 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
                          for suite, g in report["template_gap"].items()])
     if report["calibration"]:
         lines += ["## The student's confidence and a router built on it (held-out suites)", ""]
-        lines += _table(["signal", "items", "ECE", "APGR", "escalation for 50% / 80% / 95% of the gap"], "lrrrl",
+        cal = report["calibration"]
+        unreliable = [c for c in cal.values() if c["apgr"] is not None and not c.get("apgr_reliable", True)]
+        lines += _table(["signal", "items", "ECE", "APGR", "escalation for 50% / 80% / 95% of the gap",
+                         "best router: accuracy (escalated)"], "lrrrlr",
                         [[signal, str(c["n"]), f"{c['reliability']['ece']:.3f}",
-                          "-" if c["apgr"] is None else f"{c['apgr']:.2f}",
-                          " / ".join(_pct(c["escalation_for_share"][str(x)]) for x in SHARES)]
-                         for signal, c in report["calibration"].items()])
+                          "-" if c["apgr"] is None else f"{c['apgr']:.2f}" + ("" if c.get("apgr_reliable", True) else " *"),
+                          " / ".join(_pct(c["escalation_for_share"][str(x)]) for x in SHARES),
+                          "-" if not c.get("best") else f"{_pct(c['best']['accuracy'])} ({_pct(c['best']['rate'])})"]
+                         for signal, c in cal.items()])
+        if unreliable:
+            lines[-1:-1] = ["", f"\\* The teacher is ahead of the student by {_diff(unreliable[0]['gap'])}: an interval "
+                            "that reaches zero. APGR divides by that gap, so here it says little; read the best "
+                            "router's point instead, and calibrate the router to an accuracy floor at or above the "
+                            "teacher's (`cotd serve calibrate`)."]
     cost = {k: v for k, v in report["cost"].items() if isinstance(v, dict)}
     if cost:
         lines += ["## Cost", ""]

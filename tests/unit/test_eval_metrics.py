@@ -117,6 +117,26 @@ def test_threshold_is_calibrated_to_a_floor_or_a_budget():
     assert M.threshold_for(conf, student, [False] * 4, floor=0.9) is None
 
 
+def test_a_threshold_never_cuts_inside_a_run_of_equal_confidences():
+    """Agreement of k samples takes k values: a threshold escalates all of a value or none of it,
+    and the rate and accuracy it reports are the ones it gives. Escalating two of the four 0.25s
+    (7/8 right) is no threshold's doing; all four (6/8) or none (5/8) are."""
+    conf = [0.25] * 4 + [1.0] * 4
+    student = [False, False, False, True] + [True] * 4
+    teacher = [True, True, False, False] + [True] * 4
+
+    def applied(t):
+        escalated = [c < t["threshold"] for c in conf]
+        right = sum(te if e else s for e, s, te in zip(escalated, student, teacher))
+        return sum(escalated) / 8, right / 8
+
+    t = M.threshold_for(conf, student, teacher, floor=0.75)
+    assert (t["rate"], t["accuracy"]) == applied(t) == (0.5, 0.75)
+    assert M.threshold_for(conf, student, teacher, floor=0.8) is None
+    b = M.threshold_for(conf, student, teacher, budget=0.25)
+    assert (b["rate"], b["accuracy"]) == applied(b) == (0.0, 0.625)
+
+
 def test_apgr_and_calls_for_share():
     # a perfect router: the gap closes linearly from weak (0.5) to strong (1.0) at half the calls, then flat
     curve = [{"rate": 0.0, "accuracy": 0.5}, {"rate": 0.5, "accuracy": 1.0}, {"rate": 1.0, "accuracy": 1.0}]

@@ -69,6 +69,11 @@ def test_report_numbers():
     cal = rep["calibration"]["logprob"]
     assert cal["n"] == 5 and cal["escalation"][0]["accuracy"] == 0.6 and cal["escalation"][-1]["accuracy"] == 0.8
     assert cal["apgr"] is not None and cal["apgr"] > 0.5
+    assert cal["best"]["accuracy"] == 0.8 and cal["best"]["escalated"] == 1  # p3 to the teacher (wrong on p4 too)
+    # 0.8 against 0.6 on five problems: the gap's interval reaches zero, so APGR is flagged in the report
+    assert cal["gap"]["value"] == pytest.approx(0.2) and cal["gap"]["ci"][0] <= 0 and cal["apgr_reliable"] is False
+    md = R.markdown(rep)
+    assert "| logprob | 5 |" in md and "80.0% (" in md and "APGR divides by that gap" in md
     assert "agreement" in rep["calibration"]
     # examples: where the student is right and its base wrong come first
     assert [e["problem_id"] for e in rep["examples"]] == ["p1", "p2"]

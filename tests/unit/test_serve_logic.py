@@ -79,11 +79,65 @@ def test_calibration_reaches_a_stated_share_of_the_teacher_with_the_fewest_escal
 def test_cost_quality_is_measured_on_problems_the_thresholds_were_not_fitted_on():
     cq = cost_quality(items(80), target_share=0.95)
     pol = cq["policies"]
-    assert pol["always_student"] == {"accuracy": 0.5, "escalated": 0.0, "n": 80}
+    assert {k: pol["always_student"][k] for k in ("accuracy", "escalated", "n")} == {"accuracy": 0.5, "escalated": 0.0, "n": 80}
+    lo, hi = pol["always_student"]["share_ci"]  # of the teacher's accuracy, on the same problems
+    assert pol["always_student"]["share_of_teacher"] == pytest.approx(0.5 / 0.9) and lo < 0.5 / 0.9 < hi
     assert pol["always_teacher"]["escalated"] == 1.0 and pol["always_teacher"]["accuracy"] == 0.9
     assert pol["confidence:logprob"]["accuracy"] >= 0.75 and pol["confidence:logprob"]["escalated"] < 0.7
     assert cq["curves"]["logprob"]["apgr"] > 0.75  # a perfectly informative signal (0.81 in the limit here)
     assert len(pairs(items(80))) == 80
+
+
+def complementary(n=80):
+    """Student and teacher equally good (50%) on different problems; the student's confidence
+    tells its right answers from its wrong ones."""
+    out = []
+    for i in range(n):
+        s_right = i % 2 == 0
+        conf = 0.9 if s_right else 0.2
+        for target, right, lp in (("student", s_right, math.log(conf)), ("teacher", not s_right, -0.1)):
+            out.append({"target": target, "suite": "held", "suite_kind": "held_out", "problem_id": f"p{i}",
+                        "category": "math", "question": f"question {i}", "correct": right, "mean_logprob": lp,
+                        "agreement": conf})
+    return out
+
+
+def test_a_router_beats_the_teacher_where_the_two_are_right_on_different_problems(tmp_path):
+    """A floor above the teacher's accuracy can be asked for and met; APGR, which divides by the
+    teacher's lead, is no summary here and says so; the best point is."""
+    import json
+
+    import pyarrow as pa
+
+    from jobs.common.errors import DataError
+    from jobs.common.runs import PartWriter
+    from jobs.common.schemas import ITEM_SCHEMA
+    from serve.main import calibrate_main
+
+    cq = cost_quality(complementary(), target_share=1.5)
+    assert cq["student_accuracy"] == cq["teacher_accuracy"] == 0.5
+    agree = cq["policies"]["confidence:agreement"]
+    assert (agree["accuracy"], agree["escalated"], agree["n"], agree["share_of_teacher"]) == (1.0, 0.5, 80, 2.0)
+    c = cq["curves"]["agreement"]
+    assert c["apgr"] is None and c["apgr_reliable"] is False
+    assert c["best"]["accuracy"] == 1.0 and c["best"]["rate"] == 0.5
+    # the informative signal of items(): a teacher well ahead, APGR is a summary
+    assert cost_quality(items(80))["curves"]["logprob"]["apgr_reliable"] is True
+
+    rows = [{k: r.get(k) for k in ITEM_SCHEMA.names} | {"role": r["target"], "difficulty": "default", "gold_answer": "1"}
+            for r in complementary()]
+    PartWriter(tmp_path / "items", ITEM_SCHEMA).write(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA))
+    out = tmp_path / "router.json"
+    assert calibrate_main(["--items", str(tmp_path / "items"), "--out", str(out), "--target-share", "1.5"],
+                          log=lambda *_: None) == 0
+    saved = json.loads(out.read_text())
+    assert saved["thresholds"]["agreement"]["accuracy"] == 1.0 and saved["target"]["floor"] == 0.75
+    for bad, message in (("0", "--target-share must be above 0"), ("-1", "--target-share must be above 0")):
+        with pytest.raises(DataError, match=message):
+            calibrate_main(["--items", str(tmp_path / "items"), "--out", str(tmp_path / "x.json"), "--target-share", bad])
+    with pytest.raises(DataError, match=r"--budget must be in \(0, 1\]"):
+        calibrate_main(["--items", str(tmp_path / "items"), "--out", str(tmp_path / "x.json"), "--budget", "1.5"])
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_logistic_fit_separates_a_separable_signal():
