@@ -56,3 +56,21 @@ def test_optimizer_benchmark_compares_fused_and_foreach_adamw(tiny):
     runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"fused"')]
     assert [r["fused"] for r in runs] == [False, True]
     assert "fused is" in proc.stdout and "ratio fused/foreach time" in proc.stdout
+
+
+def test_the_avx2_emulation_hides_avx512_and_native_bf16_only_when_asked():
+    """infra/bench/avx2_emulation.py, the proxy for the AVX2-only machine type (docs/benchmarks.md)."""
+    code = ("import avx2_emulation, torch.cpu as c; from jobs.common.engine import bf16_by_default; "
+            "print(c._is_avx512_supported(), c._is_avx512_bf16_supported(), bf16_by_default(False))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "infra" / "bench"), str(REPO)])}
+    on = subprocess.run([sys.executable, "-c", code], env={**env, "COTD_EMULATE_AVX2": "1"}, capture_output=True,
+                        text=True, timeout=120)
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.split() == ["False", "False", "False"]
+    off = subprocess.run([sys.executable, "-c", "import avx2_emulation, torch.cpu as c; print(c._is_avx512_supported())"],
+                         env={k: v for k, v in env.items() if k != "COTD_EMULATE_AVX2"}, capture_output=True, text=True,
+                         timeout=120)
+    assert off.returncode == 0, off.stderr
+    import torch.cpu
+
+    assert off.stdout.split() == [str(torch.cpu._is_avx512_supported())]
