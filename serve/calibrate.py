@@ -175,6 +175,6 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
     for signal in SIGNALS:
         conf = [signals_of(s).agreement if signal == "agreement" else signals_of(s).token_confidence for s, _ in matched]
         if matched and all(c is not None for c in conf):
-            curves[signal] = M.router_summary(conf, sc, tc, (0.5, 0.8, 0.95))
+            curves[signal] = M.router_summary(conf, sc, tc, M.SHARES)
     return {"n": len(matched), "student_accuracy": weak, "teacher_accuracy": strong, "target_share": target_share,
             "policies": results, "curves": curves}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 CONFIDENCE = 0.95
+SHARES = (0.5, 0.8, 0.95)  # shares of the teacher's quality a router is asked to recover (RouteLLM's)
 
 
 def wilson(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:

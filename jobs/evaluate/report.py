@@ -17,7 +17,7 @@ from jobs.common.schemas import ERROR, ITEM_SCHEMA
 from jobs.evaluate import metrics as M
 from jobs.tasks.verify import majority, vote_groups
 
-SHARES = (0.5, 0.8, 0.95)  # shares of the teacher's quality a router is asked to recover (RouteLLM's)
+SHARES = M.SHARES
 
 
 # --- items: one per (model, suite, problem) ------------------------------------------------------
