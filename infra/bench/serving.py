@@ -165,6 +165,7 @@ def load(args) -> None:
 
 def quality(args) -> None:
     from jobs.common.runs import read_dataset
+    from jobs.evaluate.report import fmt_diff
     from serve.calibrate import cost_quality
 
     cq = cost_quality(read_dataset(args.items).to_pylist(), target_share=args.target_share)
@@ -179,15 +180,14 @@ def quality(args) -> None:
         part = "" if p["n"] == cq["n"] else f"  (on {p['n']} of the {cq['n']}: one half's floor is out of its reach)"
         print(f"{name:<22}{p['accuracy']:>10.1%}{cell:>33}{p['escalated']:>11.1%}{part}")
     for signal, c in cq["curves"].items():
-        f, best, gap = c["escalation_for_share"], c["best"], c["gap"]
+        f, best = c["escalation_for_share"], c["best"]
         apgr = "-" if c["apgr"] is None else f"{c['apgr']:.3f}" + ("" if c["apgr_reliable"] else " (the gap it divides by is uncertain)")
         print(f"{signal}: APGR {apgr}; escalation for 50/80/95% of the teacher's quality: "
               + " / ".join("-" if f[k] is None else f"{f[k]:.0%}" for k in ("0.5", "0.8", "0.95"))
               + f"; best point {best['accuracy']:.1%} with {best['rate']:.0%} escalated")
     if any(not c["apgr_reliable"] for c in cq["curves"].values()):
         gap = next(iter(cq["curves"].values()))["gap"]
-        print(f"the teacher leads the student by {100 * gap['value']:+.1f} pts [{100 * gap['ci'][0]:+.1f}, "
-              f"{100 * gap['ci'][1]:+.1f}]: APGR divides by that gap, whose interval reaches zero")
+        print(f"the teacher leads the student by {fmt_diff(gap)}: APGR divides by that gap, whose interval reaches zero")
     if args.plot:
         import matplotlib
 

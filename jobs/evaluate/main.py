@@ -299,7 +299,7 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
 
 def summary_table(report: dict[str, Any]) -> str:
     """The end-of-run table: accuracy of each model per suite and category, recovery and gain."""
-    from jobs.evaluate.report import _diff, _ratio
+    from jobs.evaluate.report import fmt_diff, fmt_ratio
 
     lines = []
     for s in report["suites"]:
@@ -316,9 +316,9 @@ def summary_table(report: dict[str, Any]) -> str:
             lines.append(f"{name:<24}{cells}{_fmt(res['overall']['accuracy']):>12}")
         comp = report["comparisons"].get(suite, {})
         if "recovery" in comp:
-            lines.append(f"  recovery (student/teacher): {_ratio(comp['recovery']['overall'])}")
+            lines.append(f"  recovery (student/teacher): {fmt_ratio(comp['recovery']['overall'])}")
         if "gain_over_base" in comp:
-            lines.append(f"  gain over base: {_diff(comp['gain_over_base']['overall'])}")
+            lines.append(f"  gain over base: {fmt_diff(comp['gain_over_base']['overall'])}")
     for name, c in report["cost"].items():
         if isinstance(c, dict):
             lines.append(f"cost per 1,000 queries, {name}: ${c['per_1k_queries']:.4f}")

@@ -209,22 +209,22 @@ def pick_examples(all_items: list[dict[str, Any]], name_of: dict[str, str | None
 
 # --- rendering ---------------------------------------------------------------------------------------
 
-def _pct(x: float | None) -> str:
+def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _ci(ci) -> str:
+def fmt_ci(ci) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def _ratio(v: dict[str, Any]) -> str:
+def fmt_ratio(v: dict[str, Any]) -> str:
     if v.get("value") is None:
         return "-"
     ci = v.get("ci")
     return f"{v['value']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def _diff(v: dict[str, Any]) -> str:
+def fmt_diff(v: dict[str, Any]) -> str:
     if v.get("value") is None:
         return "-"
     ci = v.get("ci")
@@ -252,47 +252,50 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
             res = m["suites"].get(suite)
             if not res:
                 continue
-            cells = [(_pct(res["by_category"][c]["accuracy"]) + _ci(res["by_category"][c]["ci"])) if c in res["by_category"] else "-"
+            cells = [(fmt_pct(res["by_category"][c]["accuracy"]) + fmt_ci(res["by_category"][c]["ci"])) if c in res["by_category"] else "-"
                      for c in cats]
             o = res["overall"]
-            rows.append([name, *cells, f"{_pct(o['accuracy'])}{_ci(o['ci'])} (n={o['n']})",
-                         f"{o['format_failures']} ({_pct(o['format_failure_rate'])})"])
+            rows.append([name, *cells, f"{fmt_pct(o['accuracy'])}{fmt_ci(o['ci'])} (n={o['n']})",
+                         f"{o['format_failures']} ({fmt_pct(o['format_failure_rate'])})"])
         lines += [f"## Suite `{suite}` ({s['kind']})", ""]
         lines += _table(["model", *cats, "overall", "format failures"], "l" + "r" * (len(cats) + 2), rows)[:-1]
         comp = report["comparisons"].get(suite, {})
         if "recovery" in comp:
             r = comp["recovery"]
             lines += ["", "Recovery (student / teacher accuracy, paired bootstrap 95% interval): overall "
-                      f"{_ratio(r['overall'])}; " + "; ".join(f"{c} {_ratio(v)}" for c, v in r["by_category"].items())]
+                      f"{fmt_ratio(r['overall'])}; " + "; ".join(f"{c} {fmt_ratio(v)}" for c, v in r["by_category"].items())]
         if "gain_over_base" in comp:
             g = comp["gain_over_base"]
-            lines += ["", f"Gain over the base student: overall {_diff(g['overall'])}; "
-                      + "; ".join(f"{c} {_diff(v)}" for c, v in g["by_category"].items())]
+            lines += ["", f"Gain over the base student: overall {fmt_diff(g['overall'])}; "
+                      + "; ".join(f"{c} {fmt_diff(v)}" for c, v in g["by_category"].items())]
         lines.append("")
     if report["forgetting"]:
         lines += ["## Forgetting (general tasks outside the training mix)", ""]
         lines += _table(["suite", "base", "student", "change"], "lrrl",
-                        [[suite, f"{_pct(f['base']['accuracy'])}{_ci(f['base']['ci'])}",
-                          f"{_pct(f['student']['accuracy'])}{_ci(f['student']['ci'])}", _diff(f["change"])]
+                        [[suite, f"{fmt_pct(f['base']['accuracy'])}{fmt_ci(f['base']['ci'])}",
+                          f"{fmt_pct(f['student']['accuracy'])}{fmt_ci(f['student']['ci'])}", fmt_diff(f["change"])]
                          for suite, f in report["forgetting"].items()])
     if report["template_gap"]:
         lines += ["## Template overfitting (trained tasks under other templates or difficulty)", ""]
         lines += _table(["suite", "in distribution", "shifted", "gap"], "lrrl",
-                        [[suite, _pct(g["in_distribution"]["accuracy"]), _pct(g["shifted"]["accuracy"]), _diff(g["gap"])]
+                        [[suite, fmt_pct(g["in_distribution"]["accuracy"]), fmt_pct(g["shifted"]["accuracy"]), fmt_diff(g["gap"])]
                          for suite, g in report["template_gap"].items()])
     if report["calibration"]:
         lines += ["## The student's confidence and a router built on it (held-out suites)", ""]
         cal = report["calibration"]
-        unreliable = [c for c in cal.values() if c["apgr"] is not None and not c.get("apgr_reliable", True)]
+        unreliable = {s: fmt_diff(c["gap"]) for s, c in cal.items()
+                      if c["apgr"] is not None and not c.get("apgr_reliable", True)}
         lines += _table(["signal", "items", "ECE", "APGR", "escalation for 50% / 80% / 95% of the gap",
                          "best router: accuracy (escalated)"], "lrrrlr",
                         [[signal, str(c["n"]), f"{c['reliability']['ece']:.3f}",
                           "-" if c["apgr"] is None else f"{c['apgr']:.2f}" + ("" if c.get("apgr_reliable", True) else " *"),
-                          " / ".join(_pct(c["escalation_for_share"][str(x)]) for x in SHARES),
-                          "-" if not c.get("best") else f"{_pct(c['best']['accuracy'])} ({_pct(c['best']['rate'])})"]
+                          " / ".join(fmt_pct(c["escalation_for_share"][str(x)]) for x in SHARES),
+                          "-" if not c.get("best") else f"{fmt_pct(c['best']['accuracy'])} ({fmt_pct(c['best']['rate'])})"]
                          for signal, c in cal.items()])
         if unreliable:
-            lines[-1:-1] = ["", f"\\* The teacher is ahead of the student by {_diff(unreliable[0]['gap'])}: an interval "
+            gaps = (next(iter(unreliable.values())) if len(set(unreliable.values())) == 1
+                    else "; ".join(f"{gap} on the items with {s}" for s, gap in unreliable.items()))
+            lines[-1:-1] = ["", f"\\* The teacher is ahead of the student by {gaps}: an interval "
                             "that reaches zero. APGR divides by that gap, so here it says little; read the best "
                             "router's point instead, and calibrate the router to an accuracy floor at or above the "
                             "teacher's (`cotd serve calibrate`)."]
@@ -304,7 +307,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
                           "-" if c.get("engine_seconds_per_query") is None else f"{c['engine_seconds_per_query']:.3f}",
                           f"${c['per_1k_queries']:.4f}"] for name, c in cost.items()])[:-1]
         if "student_saves" in report["cost"]:
-            lines += ["", f"Answering with the student instead of the teacher saves {_pct(report['cost']['student_saves'])} "
+            lines += ["", f"Answering with the student instead of the teacher saves {fmt_pct(report['cost']['student_saves'])} "
                       "of the cost per query."]
         lines.append("")
     for name, path in (plots or {}).items():

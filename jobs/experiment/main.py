@@ -99,7 +99,7 @@ def compare(cfg: ExperimentConfig, eval_dirs: dict[str, Path]) -> dict[str, Any]
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from jobs.evaluate.report import _ci, _diff, _pct, _ratio
+    from jobs.evaluate.report import fmt_ci, fmt_diff, fmt_pct, fmt_ratio
 
     lines = ["# Experiment", ""]
     if result["claim"]:
@@ -111,7 +111,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         acc = r["accuracy"]
         lines.append(f"| {r['suite']} ({r['kind']}) | {r['variant']} | {result['variants'].get(r['variant'], '')} | "
-                     f"{_pct(acc['accuracy'])}{_ci(acc['ci'])} (n={acc['n']}) | "
-                     f"{_diff(r['change']) if 'change' in r else '(baseline)'} | "
-                     f"{_ratio(r['recovery']) if 'recovery' in r else '-'} |")
+                     f"{fmt_pct(acc['accuracy'])}{fmt_ci(acc['ci'])} (n={acc['n']}) | "
+                     f"{fmt_diff(r['change']) if 'change' in r else '(baseline)'} | "
+                     f"{fmt_ratio(r['recovery']) if 'recovery' in r else '-'} |")
     return "\n".join(lines) + "\n"

@@ -125,10 +125,12 @@ def main(cfg: PipelineConfig, log=emit) -> dict[str, Any]:
 def summary(done: dict[str, Any]) -> str:
     """What the run found: the chains, what curation kept, the training, and (with an evaluation)
     accuracy and recovery per category, the cost per 1,000 queries and where the report is."""
+    from jobs.evaluate.report import fmt_pct
+
     g, c, t = done["generate"]["summary"], done["curate"]["summary"], done["train"]
     lines = ["# Pipeline summary", "",
              f"- generate: {g['chains']} chains of {g['problems']} problems, teacher accuracy "
-             f"{_pct(g['accuracy'])}",
+             f"{fmt_pct(g['accuracy'])}",
              f"- curate: kept {c['kept']} of {c['chains']} chains from {c['problems_kept']} problems",
              f"- train: {t['steps']} steps in {t['precision']}, loss {t['first_loss']:.4f} -> {t['final']['loss']:.4f}"]
     if "eval" in done:
@@ -143,6 +145,3 @@ def summary(done: dict[str, Any]) -> str:
                   f"policy.calibration={router} policy.threshold=null"]
     return "\n".join(lines) + "\n"
 
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"

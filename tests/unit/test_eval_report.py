@@ -75,6 +75,10 @@ def test_report_numbers():
     md = R.markdown(rep)
     assert "| logprob | 5 |" in md and "80.0% (" in md and "APGR divides by that gap" in md
     assert "agreement" in rep["calibration"]
+    # two signals whose gaps differ (measured on different items): the footnote names each
+    rep["calibration"]["agreement"].update(apgr=0.5, apgr_reliable=False, gap={"value": 0.1, "ci": [-0.2, 0.4]})
+    md = R.markdown(rep)
+    assert "+20.0 pts" in md and "+10.0 pts [-20.0, +40.0] on the items with agreement" in md
     # examples: where the student is right and its base wrong come first
     assert [e["problem_id"] for e in rep["examples"]] == ["p1", "p2"]
     assert set(rep["examples"][0]["answers"]) == {"teacher", "base", "student"}
