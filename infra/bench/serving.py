@@ -5,11 +5,13 @@ Run as:
     .venv/bin/python infra/bench/serving.py load --student ... --teacher ... --concurrency 8 --seconds 60 --kill-at 20
     .venv/bin/python infra/bench/serving.py quality --items runs/lab/qwen0.5b/eval/items --plot docs/router-cost-quality.png
 
-overhead  p50/p99 latency of the same one-token request through cotd's router (HTTP, the router,
-          then the student deployment) and straight to the student deployment (a Serve handle call
-          from this process), interleaved in one run; the difference is what the router costs.
-          Beside them, GET /health: HTTP through Serve's proxy to the router and back with no model,
-          the floor under the router's cost on this machine. Target: p50 overhead <= 5 ms.
+overhead  p50/p99 latency of the same one-token request, interleaved in one run, by three paths to
+          the one student deployment: through cotd's router (HTTP, Serve's proxy, the router, the
+          student); through Ray Serve LLM's own OpenAI ingress bound to that same deployment as a
+          second application (HTTP, the proxy, the stock ingress, the student: how a user serves the
+          student alone behind the same API); and a Serve handle call from this process (no HTTP).
+          The router's overhead is reported against both baselines. Beside them, GET /health: HTTP
+          through Serve's proxy to the router and back with no model. Target: p50 overhead <= 5 ms.
 load      a fixed number of concurrent clients for a fixed time: throughput, latency percentiles,
           errors; with --kill-at, one student replica is killed mid-test (its actor, through Ray):
           no request may hang, every failure is counted, and the replica must come back.
@@ -39,6 +41,18 @@ def percentile(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
+def paired_median(a: list[float], b: list[float]) -> tuple[float, tuple[float, float]]:
+    """The median of a[i] - b[i] (the same iteration of an interleaved run, so the same moment of the
+    machine) and its 95% bootstrap interval: steadier than a difference of two medians."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    diff = np.asarray(a) - np.asarray(b)
+    ci = bootstrap((diff,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+                   random_state=np.random.default_rng(0)).confidence_interval
+    return float(np.median(diff)), (float(ci.low), float(ci.high))
+
+
 def up(args, **over):
     """Start the application (student, teacher, router); `start` waits until it answers."""
     from jobs.common.config import build
@@ -54,6 +68,29 @@ def up(args, **over):
     start(build(ServeConfig, data), log=print, blocking=False)
 
 
+def stock_ingress(args) -> str:
+    """Ray Serve LLM's OpenAI ingress, unchanged, bound to the running application's student
+    deployment and served as a second application under /stock; returns its chat URL."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    from serve.app import STUDENT_ID, llm_config, resolve_spec
+    from serve.config import ModelSpec
+
+    from jobs.common.config import build
+
+    spec = build(ModelSpec, {"run": args.student, "max_model_len": 1024, "gpu_memory_utilization": args.memory})
+    config = llm_config(spec, STUDENT_ID, resolve_spec(spec)["path"])
+    student = serve.get_deployment_handle(f"student:{STUDENT_ID}", app_name="cotd-bench")
+    options = {**OpenAiIngress.get_deployment_options([config]), "ray_actor_options": {"num_cpus": 0.2}}
+    ingress = serve.deployment(make_fastapi_ingress(OpenAiIngress), name="stock-ingress", **options)
+    serve.run(ingress.bind(llm_deployments={STUDENT_ID: student},
+                           model_cards={STUDENT_ID: to_model_metadata(STUDENT_ID, config)}),
+              name="stock", route_prefix="/stock", blocking=False)
+    return f"http://127.0.0.1:{PORT}/stock/v1/chat/completions"
+
+
 def overhead(args) -> None:
     import httpx
     from ray import serve
@@ -62,6 +99,7 @@ def overhead(args) -> None:
     from serve.app import STUDENT_ID, HybridRouter, messages_for
 
     up(args)
+    stock_url = stock_ingress(args)
     student = serve.get_deployment_handle(f"student:{STUDENT_ID}", app_name="cotd-bench")
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     prompt = json.loads(json.dumps({"format": "pre", "granularity": "coarse", "system": None}))
@@ -83,26 +121,39 @@ def overhead(args) -> None:
         inside.append(r.json()["cotd"]["router_ms"])
         return 1000 * (time.perf_counter() - t0)
 
+    # the stock ingress gets the student's messages as the router sends them (prompt format applied)
+    stock_body = {"model": STUDENT_ID, "messages": direct_req.messages, "max_tokens": 1, "temperature": 0.0}
+
+    def stock(c: httpx.Client) -> float:
+        t0 = time.perf_counter()
+        c.post(stock_url, json=stock_body).raise_for_status()
+        return 1000 * (time.perf_counter() - t0)
+
     def health(c: httpx.Client) -> float:
         t0 = time.perf_counter()
         c.get(f"http://127.0.0.1:{PORT}/health").raise_for_status()
         return 1000 * (time.perf_counter() - t0)
 
     loop = asyncio.new_event_loop()
-    d, r, h = [], [], []
+    d, s, r, h = [], [], [], []
     with httpx.Client(timeout=60) as c:
-        for i in range(args.warmup + args.requests):  # interleaved, so all three see the same machine
-            a, b, e = loop.run_until_complete(direct()), routed(c), health(c)
+        for i in range(args.warmup + args.requests):  # interleaved, so all four see the same machine
+            a, b, e, f = loop.run_until_complete(direct()), stock(c), routed(c), health(c)
             if i >= args.warmup:
                 d.append(a)
-                r.append(b)
-                h.append(e)
+                s.append(b)
+                r.append(e)
+                h.append(f)
     print(f"requests: {args.requests} each, one-token answers, interleaved")
-    for name, v in (("direct to the student deployment", d), ("through cotd's router (HTTP)", r),
+    for name, v in (("handle call to the student deployment", d),
+                    ("HTTP, Ray Serve LLM's ingress, student", s), ("HTTP, cotd's router, student", r),
                     ("HTTP to the router, no model (/health)", h)):
-        print(f"  {name:<38} p50 {percentile(v, 50):7.1f} ms   p99 {percentile(v, 99):7.1f} ms   mean {statistics.mean(v):7.1f} ms")
-    print(f"router overhead: p50 {percentile(r, 50) - percentile(d, 50):.1f} ms, p99 {percentile(r, 99) - percentile(d, 99):.1f} ms"
-          "   target p50 <= 5 ms")
+        print(f"  {name:<40} p50 {percentile(v, 50):7.1f} ms   p99 {percentile(v, 99):7.1f} ms   mean {statistics.mean(v):7.1f} ms")
+    for name, base in (("the student behind Ray Serve LLM's own OpenAI ingress", s), ("a handle call (no HTTP)", d)):
+        med, (lo, hi) = paired_median(r, base)
+        print(f"router overhead against {name}: p50 {percentile(r, 50) - percentile(base, 50):.1f} ms, "
+              f"p99 {percentile(r, 99) - percentile(base, 99):.1f} ms; median of the paired differences "
+              f"{med:.1f} ms [{lo:.1f}, {hi:.1f}]   target p50 <= 5 ms")
     inside = inside[args.warmup:]
     print(f"  of which in the router's own code: p50 {percentile(inside, 50):.2f} ms, p99 {percentile(inside, 99):.2f} ms "
           "(the rest: the HTTP proxy and the extra Serve hop)")

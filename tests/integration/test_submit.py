@@ -1,11 +1,13 @@
 """`cotd submit` and `cotd jobs` through Ray's Jobs API, against a head node this test starts (its
 own Ray, with the dashboard's job server): a generation job against an HTTP teacher on loopback,
-its logs followed to the end, its status as the exit code, and the jobs listed."""
+its logs followed to the end, its status as the exit code, the jobs listed, and a running job
+stopped."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -69,3 +71,31 @@ def test_submit_follow_list_and_refusals(head, tmp_path):
     assert refused.returncode == 2 and "outside the repository" in refused.stderr
     nowhere = cotd("jobs", "list", "--address", "http://127.0.0.1:9")
     assert nowhere.returncode == 2 and "no Ray job server answers there" in nowhere.stderr
+
+    # a running job stopped: `cotd jobs stop` asks, `cotd jobs status` then says STOPPED, and the
+    # stage left no manifest behind (nothing claims to be finished)
+    slow = TeacherServer()
+    slow.failed_once, slow.delay = True, 600.0
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    try:
+        started = cotd("submit", "generate", "--config", "configs/generate/http-teacher.yaml", "--address", head,
+                       "--id", "cotd-test-stop", f"out_dir={tmp_path / 'slow'}", f"sources={sources}",
+                       "paths_per_problem=1", f"teacher.base_url=http://127.0.0.1:{slow.server_address[1]}/v1",
+                       "teacher.qps=null")
+        assert started.returncode == 0 and "submitted cotd-test-stop" in started.stdout, started.stderr[-2000:]
+        deadline = time.time() + 180
+        while not slow.payloads:  # the job is running once its first request reaches the teacher
+            assert time.time() < deadline, "the submitted job never reached the teacher"
+            time.sleep(1)
+        assert cotd("jobs", "status", "cotd-test-stop", "--address", head).stdout.strip() == "RUNNING"
+        stopped = cotd("jobs", "stop", "cotd-test-stop", "--address", head)
+        assert stopped.returncode == 0 and "cotd-test-stop: stop requested" in stopped.stdout
+        deadline = time.time() + 60
+        while (status := cotd("jobs", "status", "cotd-test-stop", "--address", head).stdout.strip()) != "STOPPED":
+            assert time.time() < deadline and status in ("RUNNING", "STOPPED"), status
+            time.sleep(1)
+    finally:
+        slow.shutdown()
+    assert not (tmp_path / "slow" / "manifest.json").exists()
+    again = cotd("jobs", "stop", "cotd-test-stop", "--address", head)
+    assert again.returncode == 0 and "cotd-test-stop: not running" in again.stdout

@@ -74,3 +74,19 @@ def test_the_avx2_emulation_hides_avx512_and_native_bf16_only_when_asked():
     import torch.cpu
 
     assert off.stdout.split() == [str(torch.cpu._is_avx512_supported())]
+
+
+def test_the_serving_bench_pairs_its_interleaved_requests():
+    """The router's overhead is the median of per-iteration differences with a bootstrap interval:
+    a shared slow moment of the machine cancels out, a shift between the paths does not."""
+    import random
+
+    sys.path.insert(0, str(REPO / "infra" / "bench"))
+    from serving import paired_median
+
+    rng = random.Random(0)
+    base = [rng.gauss(300, 40) for _ in range(300)]  # the machine's swings, seen by both paths
+    routed = [b + 3.0 + rng.gauss(0, 1) for b in base]
+    med, (lo, hi) = paired_median(routed, base)
+    assert 2.7 < med < 3.3 and lo < 3.0 < hi and hi - lo < 0.6
+    assert paired_median(base, base) == (0.0, (0.0, 0.0))
