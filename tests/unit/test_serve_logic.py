@@ -215,7 +215,18 @@ def test_the_serve_deploy_file_validates_and_names_a_real_builder_and_config():
     module, _, attr = app.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
     cfg = load_config(ServeConfig, repo / app.args["config"], app.args["overrides"])
-    assert cfg.student.run == "runs/quickstart/student" and cfg.policy.threshold is None
+    assert cfg.policy.threshold is None
+    # it serves what `make demo` leaves: the quickstart pipeline's student, and the router that
+    # `cotd run` calibrates beside the evaluation's report
+    from jobs.pipeline.config import PipelineConfig
+    from jobs.pipeline.main import plan_stages
+
+    run = load_config(PipelineConfig, repo / "configs" / "pipelines" / "quickstart.yaml")
+    out = Path(run.out_dir)
+    stages = plan_stages({"generate": run.generate, "curate": run.curate, "train": run.train, "eval": run.eval},
+                         out, run.overrides, out / "generate", None, None)
+    assert Path(cfg.student.run) == Path(stages.train.out_dir)
+    assert Path(cfg.policy.calibration) == Path(stages.eval.out_dir) / "router.json"
 
 
 def test_a_teacher_endpoint_is_retried_then_given_up_on():
