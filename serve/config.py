@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.common.config import doc
+from jobs.common.engine import MEMORY_SHARE_DOC
 from jobs.common.raycluster import RayConfig
 
 
@@ -46,7 +47,7 @@ class ModelSpec:
     retries: int = doc("endpoint: retries on connection errors, 429 and 5xx", 2)
     max_model_len: int = doc("engine context length (prompt + output)", 2048)
     dtype: str = doc("engine dtype; auto: as for generation's teacher", "auto")
-    gpu_memory_utilization: float = doc("GPU: fraction of memory; CPU: fraction of the node's RAM the engine's worker may hold, weights and runtime included (the KV cache gets the rest; float32 weights on CPUs without bf16 take twice bf16's)", 0.2)
+    gpu_memory_utilization: float = doc(MEMORY_SHARE_DOC, 0.2)
     engine_kwargs: dict[str, Any] = doc("further vLLM engine arguments", {})
     scaling: Scaling = doc("replicas and their resources", Scaling())
     format: Literal["pre", "post", "adaptive"] | None = doc("the CoT format it is prompted for (null: as trained, else pre)", None)

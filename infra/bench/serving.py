@@ -54,7 +54,8 @@ def paired_median(a: list[float], b: list[float]) -> tuple[float, tuple[float, f
 
 
 def up(args, **over):
-    """Start the application (student, teacher, router); `start` waits until it answers."""
+    """Start the application (student, teacher, router) and return its config; `start` waits until
+    it answers."""
     from jobs.common.config import build
     from serve.config import ServeConfig
     from serve.main import start
@@ -65,23 +66,22 @@ def up(args, **over):
             "teacher": {"model": args.teacher, **engine, "gpu_memory_utilization": args.teacher_memory,
                         "scaling": {"cpus": 1}},
             "policy": {"kind": "always_student"}, "port": PORT, "name": "cotd-bench", **over}
-    start(build(ServeConfig, data), log=print, blocking=False)
+    cfg = build(ServeConfig, data)
+    start(cfg, log=print, blocking=False)
+    return cfg
 
 
-def stock_ingress(args) -> str:
+def stock_ingress(cfg) -> str:
     """Ray Serve LLM's OpenAI ingress, unchanged, bound to the running application's student
-    deployment and served as a second application under /stock; returns its chat URL."""
+    deployment (`cfg`: the application's ServeConfig) and served as a second application under
+    /stock; returns its chat URL."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
     from serve.app import STUDENT_ID, llm_config, resolve_spec
-    from serve.config import ModelSpec
 
-    from jobs.common.config import build
-
-    spec = build(ModelSpec, {"run": args.student, "max_model_len": 1024, "gpu_memory_utilization": args.memory})
-    config = llm_config(spec, STUDENT_ID, resolve_spec(spec)["path"])
+    config = llm_config(cfg.student, STUDENT_ID, resolve_spec(cfg.student)["path"])
     student = serve.get_deployment_handle(f"student:{STUDENT_ID}", app_name="cotd-bench")
     options = {**OpenAiIngress.get_deployment_options([config]), "ray_actor_options": {"num_cpus": 0.2}}
     ingress = serve.deployment(make_fastapi_ingress(OpenAiIngress), name="stock-ingress", **options)
@@ -98,8 +98,7 @@ def overhead(args) -> None:
 
     from serve.app import STUDENT_ID, HybridRouter, messages_for
 
-    up(args)
-    stock_url = stock_ingress(args)
+    stock_url = stock_ingress(up(args))
     student = serve.get_deployment_handle(f"student:{STUDENT_ID}", app_name="cotd-bench")
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     prompt = json.loads(json.dumps({"format": "pre", "granularity": "coarse", "system": None}))

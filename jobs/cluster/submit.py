@@ -122,12 +122,9 @@ def workloads(stage: str, config: str, overrides: list[str]) -> list:
         return training(load_config(TrainConfig, config, overrides))
     if stage == "run":
         from jobs.pipeline.config import PipelineConfig
-        from jobs.pipeline.main import plan_stages
+        from jobs.pipeline.main import pipeline_stages
 
-        p = load_config(PipelineConfig, config, overrides)
-        out = Path(p.out_dir)
-        stages = plan_stages({"generate": p.generate, "curate": p.curate, "train": p.train, "eval": p.eval}, out,
-                             p.overrides, Path(p.generate_dir) if p.generate_dir else out / "generate", None, None)
+        stages = pipeline_stages(load_config(PipelineConfig, config, overrides))
         return teacher(stages.generate) + training(stages.train)
     return []
 

@@ -16,6 +16,11 @@ from typing import Any, Literal
 from jobs.common.config import doc
 
 
+# vLLM's CPU worker takes this share of the node's RAM for everything it holds, not for the KV cache alone
+MEMORY_SHARE_DOC = ("GPU: fraction of GPU memory; CPU: fraction of the node's RAM the engine's worker may hold, "
+                    "weights and runtime included (the KV cache gets the rest; float32 weights on CPUs without "
+                    "bf16 take twice bf16's)")
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = doc("packaged model name (`cotd models list`), local Hugging Face folder, or hub id")
@@ -34,7 +39,7 @@ class ModelConfig:
         "weights and activations dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 arithmetic "
         "(AVX512-BF16 or AMX), float32 on other CPUs, where vLLM's bf16 runs about 10x slower", "auto")
     max_model_len: int = doc("context length of the engine (prompt + output)", 2048)
-    gpu_memory_utilization: float = doc("GPU: fraction of GPU memory; CPU: fraction of the node's RAM the engine's worker may hold, weights and runtime included (the KV cache gets the rest; float32 weights on CPUs without bf16 take twice bf16's)", 0.4)
+    gpu_memory_utilization: float = doc(MEMORY_SHARE_DOC, 0.4)
     batch_size: int = doc("rows per batch sent to a replica", 64)
     max_concurrent_batches: int = doc("batches in flight per replica (batch_size x this = requests the engine sees)", 4)
     seeded: Literal["auto", "always", "never"] = doc(

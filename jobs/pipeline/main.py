@@ -102,12 +102,18 @@ def calibrate_router(eval_dir: Path, log=emit) -> dict[str, Any] | None:
     return {"path": str(out), "n": cal["n"], "thresholds": cal["thresholds"]}
 
 
+def pipeline_stages(cfg: PipelineConfig, ray_address: str | None = None) -> Stages:
+    """A pipeline config's stages, planned into its run directory."""
+    out = Path(cfg.out_dir)
+    return plan_stages({"generate": cfg.generate, "curate": cfg.curate, "train": cfg.train, "eval": cfg.eval}, out,
+                       cfg.overrides, Path(cfg.generate_dir) if cfg.generate_dir else out / "generate",
+                       Path(cfg.eval_cache) if cfg.eval_cache else None, ray_address)
+
+
 def main(cfg: PipelineConfig, log=emit) -> dict[str, Any]:
     started = time.time()
     out = Path(cfg.out_dir)
-    stages = plan_stages({"generate": cfg.generate, "curate": cfg.curate, "train": cfg.train, "eval": cfg.eval}, out,
-                         cfg.overrides, Path(cfg.generate_dir) if cfg.generate_dir else out / "generate",
-                         Path(cfg.eval_cache) if cfg.eval_cache else None, cfg.ray.address)
+    stages = pipeline_stages(cfg, cfg.ray.address)
     log(f"pipeline {out}: generate -> curate -> train" + (" -> eval" if stages.eval else ""))
     done = run_stages(stages, log=log)
     text = summary(done)

@@ -105,14 +105,12 @@ def test_pipelines_and_experiments_plan_every_stage(path):
     """A pipeline or experiment loads and checks every stage config it names, with its overrides
     applied and its paths pointed into its run directory, before anything runs."""
     from jobs.experiment.main import plan
-    from jobs.pipeline.main import plan_stages
+    from jobs.pipeline.main import pipeline_stages
 
     cls = STAGE_CLASSES[path.parent.name]
     cfg = load_config(cls, path)
     if path.parent.name == "pipelines":
-        out = Path(cfg.out_dir)
-        stages = [plan_stages({"generate": cfg.generate, "curate": cfg.curate, "train": cfg.train, "eval": cfg.eval},
-                              out, cfg.overrides, Path(cfg.generate_dir or out / "generate"), None, None)]
+        stages = [pipeline_stages(cfg)]
     else:
         stages = list(plan(cfg).values())
     for s in stages:

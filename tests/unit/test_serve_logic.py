@@ -219,12 +219,9 @@ def test_the_serve_deploy_file_validates_and_names_a_real_builder_and_config():
     # it serves what `make demo` leaves: the quickstart pipeline's student, and the router that
     # `cotd run` calibrates beside the evaluation's report
     from jobs.pipeline.config import PipelineConfig
-    from jobs.pipeline.main import plan_stages
+    from jobs.pipeline.main import pipeline_stages
 
-    run = load_config(PipelineConfig, repo / "configs" / "pipelines" / "quickstart.yaml")
-    out = Path(run.out_dir)
-    stages = plan_stages({"generate": run.generate, "curate": run.curate, "train": run.train, "eval": run.eval},
-                         out, run.overrides, out / "generate", None, None)
+    stages = pipeline_stages(load_config(PipelineConfig, repo / "configs" / "pipelines" / "quickstart.yaml"))
     assert Path(cfg.student.run) == Path(stages.train.out_dir)
     assert Path(cfg.policy.calibration) == Path(stages.eval.out_dir) / "router.json"
 
