@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.config import ModelSpec, ServeConfig
-from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_decision
+from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_decision, votes
 
 logger = logging.getLogger("cotd.serve")
 HYBRID, STUDENT_ID, TEACHER_ID = "cotd-hybrid", "cotd-student", "cotd-teacher"
@@ -148,14 +148,15 @@ def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
             "category": ext.get("category"), "question": messages[-1]["content"], "overrides": overrides}
 
 
-def answer_groups(texts: list[str], fmt: str) -> tuple[list[str | None], list[int]]:
-    """The answers read from the student's samples and their equivalence groups (as votes group them)."""
+def answer_groups(texts: list[str], fmt: str) -> tuple[list[str | None], list[int], int]:
+    """The answers read from the student's samples, their equivalence groups (as votes group them)
+    and the index of the answer the vote picks (the first of its group), as the evaluation grades it."""
     from jobs.formats.parse import extract_answer
-    from jobs.tasks.verify import vote_groups
+    from jobs.tasks.verify import vote, vote_groups
 
     answers = [extract_answer(t, fmt)[0] for t in texts]
     groups = vote_groups([a if a is not None else f"\x00unread{i}" for i, a in enumerate(answers)], "math")
-    return answers, groups
+    return answers, groups, groups.index(vote(groups))
 
 
 def mean_logprob(choice: dict[str, Any]) -> float | None:
@@ -322,7 +323,7 @@ class HybridRouter:
         if decision is not None and decision.target == TEACHER:
             # known before the student is asked: the teacher's answer can stream as it is written
             return await self._teacher_reply(req, decision, None, started)
-        k = p.samples if (p.kind == "confidence" and p.signal == "agreement" and decision is None) else 1
+        k = p.samples if decision is None and votes(p.kind, p.signal, (self.calibration or {}).get("learned")) else 1
         student = await self._student(req, k)
         signals = Signals(question=req["question"], category=req["category"], answers=tuple(student["answers"]),
                           agreement=student["agreement"], token_confidence=student["token_confidence"])
@@ -356,9 +357,8 @@ class HybridRouter:
             req["model_seconds"] += time.perf_counter() - t0
         choices = resp["choices"]
         texts = [c["message"].get("content") or "" for c in choices]
-        answers, groups = answer_groups(texts, self.student_prompt["format"])
-        top = max(set(groups), key=lambda g: (groups.count(g), -g))
-        chosen = groups.index(top)
+        answers, groups, chosen = answer_groups(texts, self.student_prompt["format"])
+        top = groups[chosen]
         lp = mean_logprob(choices[chosen])
         return {"text": texts[chosen], "answers": [answers[chosen]] + [a for i, a in enumerate(answers) if i != chosen],
                 "agreement": groups.count(top) / len(groups) if k > 1 else None,
@@ -551,6 +551,11 @@ def build_app(cfg: ServeConfig, log=lambda *_: None):
     student = resolve_spec(cfg.student, log)
     teacher = resolve_spec(cfg.teacher, log)
     calibration = read_json(cfg.policy.calibration) if cfg.policy.calibration else None
+    calibrated_k = (calibration or {}).get("samples")
+    if calibrated_k and calibrated_k != cfg.policy.samples and votes(cfg.policy.kind, cfg.policy.signal, calibration.get("learned")):
+        log(f"warning: policy.samples={cfg.policy.samples} but {cfg.policy.calibration} was calibrated on "
+            f"{calibrated_k} samples per query: agreement moves in steps of 1/k, so its threshold escalates another "
+            f"share of queries; set policy.samples={calibrated_k}")
     from jobs.common.config import to_dict
 
     router_cfg = {"serve": to_dict(cfg), "student_prompt": student["prompt"], "teacher_prompt": teacher["prompt"],

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from jobs.evaluate import metrics as M
-from serve.policies import Signals, decide, features
+from jobs.evaluate.report import served_right
+from serve.policies import Signals, decide, features, votes
 
 SIGNALS = ("agreement", "logprob")
 
@@ -32,6 +33,22 @@ def pairs(items: list[dict[str, Any]], student: str = "student", teacher: str = 
     held = [i for i in items if i.get("suite_kind") in (None, "held_out")]
     t = {(i["suite"], i["problem_id"]): i for i in held if i["target"] == teacher}
     return [(s, t[(s["suite"], s["problem_id"])]) for s in held if s["target"] == student and (s["suite"], s["problem_id"]) in t]
+
+
+def samples_of(matched: list[tuple[dict, dict]]) -> int:
+    """The student's sampled answers per problem in these items (k; 0 where any problem has none)."""
+    return min((int(s.get("samples") or 0) for s, _ in matched), default=0)
+
+
+def served(matched: list[tuple[dict, dict]], voted: bool) -> np.ndarray:
+    """Whether the student's answer a router serves is right on each pair (the vote, or the greedy answer)."""
+    return np.array([served_right(s, voted) for s, _ in matched], dtype=bool)
+
+
+def predict(weights: np.ndarray | list[float], sigs: list[Signals], categories: list[str]) -> np.ndarray:
+    """The learned router's estimate that the student is right, for each query's signals."""
+    x = np.array([features(s, categories) for s in sigs])
+    return 1 / (1 + np.exp(-np.clip(x @ np.asarray(weights), -30, 30)))
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
@@ -71,22 +88,26 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
     out: dict[str, Any] = {"n": len(matched), "student_accuracy": float(sc.mean()), "teacher_accuracy": float(tc.mean()),
                            "target": {"share": target_share, "budget": budget, "floor": target["floor"]},
                            "thresholds": {}, "learned": None}
+    k = samples_of(matched)
+    out["samples"] = k
     sigs = [signals_of(s) for s, _ in matched]
     for signal in SIGNALS:
         conf = [s.agreement if signal == "agreement" else s.token_confidence for s in sigs]
         if any(c is None for c in conf):
             continue
-        t = M.threshold_for(conf, sc, tc, floor=target["floor"], budget=budget)
+        right = served(matched, votes("confidence", signal))
+        t = M.threshold_for(conf, right, tc, floor=target["floor"], budget=budget)
         if t is not None:
             out["thresholds"][signal] = t
+    # the learned router reads agreement where the items have samples, and then serves their vote
+    right = served(matched, k > 0)
     categories = sorted({s.category for s in sigs if s.category})
-    x = np.array([features(s, categories) for s in sigs])
-    weights = fit_logistic(x, sc.astype(float))
-    p = 1 / (1 + np.exp(-np.clip(x @ weights, -30, 30)))
-    t = M.threshold_for(p, sc, tc, floor=target["floor"], budget=budget)
+    weights = fit_logistic(np.array([features(s, categories) for s in sigs]), right.astype(float))
+    p = predict(weights, sigs, categories)
+    t = M.threshold_for(p, right, tc, floor=target["floor"], budget=budget)
     if t is not None:
         out["learned"] = {"weights": weights.tolist(), "categories": categories, "threshold": t["threshold"],
-                          "rate": t["rate"], "accuracy": t["accuracy"],
+                          "rate": t["rate"], "accuracy": t["accuracy"], "samples": k,
                           "features": ["bias", "agreement", "token_confidence", "question_kchars"]
                           + [f"category={c}" for c in categories]}
     out["by_category"] = category_stats(matched, out)
@@ -111,13 +132,36 @@ def category_stats(matched: list[tuple[dict, dict]], calibration: dict[str, Any]
     return out
 
 
+def fold_of(pair: tuple[dict, dict], folds: int) -> int:
+    """A problem's fold, by a hash of its ids: the same problem lands in the same fold every run."""
+    key = f"{pair[0]['suite']}|{pair[0]['problem_id']}"
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % folds
+
+
 def split(matched: list[tuple[dict, dict]]) -> tuple[list, list]:
-    """Two halves of the problems by a hash of their ids: calibrate on one, measure on the other."""
-    a, b = [], []
-    for pair in matched:
-        key = f"{pair[0]['suite']}|{pair[0]['problem_id']}"
-        (a if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 0 else b).append(pair)
-    return a, b
+    """Two halves of the problems: calibrate on one, measure on the other."""
+    return [p for p in matched if fold_of(p, 2) == 0], [p for p in matched if fold_of(p, 2) == 1]
+
+
+def crossfit_learned(matched: list[tuple[dict, dict]], folds: int = 5) -> np.ndarray | None:
+    """The learned router's estimate for each pair from a model fitted on the other folds only: its
+    curve (and APGR) out of sample, as the confidence signals' need no fitting. None when a fold
+    leaves nothing to fit on."""
+    k = samples_of(matched)
+    sigs = [signals_of(s) for s, _ in matched]
+    right = served(matched, k > 0).astype(float)
+    categories = sorted({s.category for s in sigs if s.category})
+    which = np.array([fold_of(p, folds) for p in matched])
+    out = np.zeros(len(matched))
+    for f in range(folds):
+        fit, held = which != f, which == f
+        if not held.any():
+            continue
+        if not fit.any():
+            return None
+        weights = fit_logistic(np.array([features(s, categories) for s, keep in zip(sigs, fit) if keep]), right[fit])
+        out[held] = predict(weights, [s for s, h in zip(sigs, held) if h], categories)
+    return out
 
 
 def route_all(calibration: dict[str, Any], matched: list[tuple[dict, dict]], kind: str, signal: str = "logprob") -> dict[str, Any]:
@@ -126,11 +170,12 @@ def route_all(calibration: dict[str, Any], matched: list[tuple[dict, dict]], kin
     threshold = (calibration["thresholds"].get(signal) or {}).get("threshold") if kind == "confidence" else None
     if kind == "confidence" and threshold is None:
         return {"accuracy": None, "escalated": None, "n": len(matched), "right": []}
+    voted = votes(kind, signal, calibration.get("learned"))
     right, escalated = [], 0
     for s, t in matched:
         d = decide(kind, signals_of(s), signal=signal, threshold=threshold, learned=calibration.get("learned"))
         escalated += d.target == "teacher"
-        right.append(bool(t["correct"] if d.target == "teacher" else s["correct"]))
+        right.append(bool(t["correct"]) if d.target == "teacher" else served_right(s, voted))
     n = len(matched)
     return {"accuracy": sum(right) / n if n else None, "escalated": escalated / n if n else None, "n": n, "right": right}
 
@@ -139,8 +184,8 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
                  teacher: str = "teacher") -> dict[str, Any]:
     """Each policy calibrated on one half of the problems and measured on the other (both ways,
     pooled): accuracy and escalation share, the always-student and always-teacher points, and
-    RouteLLM's summaries of each confidence signal's full curve (APGR, escalation for 50/80/95%
-    of the teacher's quality)."""
+    RouteLLM's summaries of each signal's full curve (APGR, escalation for 50/80/95% of the
+    teacher's quality), the learned router's from estimates fitted on other folds."""
     matched = pairs(items, student, teacher)
     halves = split(matched)
     policies = {"always_student": ("always_student", None), "always_teacher": ("always_teacher", None),
@@ -168,13 +213,30 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
         share = M.recovery(right, teacher_right) if n else {"value": None, "ci": None}
         results[name] = {"accuracy": sum(right) / n if n else None, "escalated": escalated / n if n else None, "n": n,
                          "share_of_teacher": share["value"], "share_ci": share["ci"]}
-    sc = [bool(s["correct"]) for s, _ in matched]
     tc = [bool(t["correct"]) for _, t in matched]
-    weak, strong = (float(np.mean(sc)), float(np.mean(tc))) if matched else (0.0, 0.0)
-    curves = {}
+    k = samples_of(matched)
+    if k:
+        # the student alone, answering with the vote of its k samples: where the agreement policies start
+        vote = served(matched, True).tolist()
+        share = M.recovery(vote, tc)
+        row = {"accuracy": float(np.mean(vote)), "escalated": 0.0, "n": len(vote), "share_of_teacher": share["value"],
+               "share_ci": share["ci"]}
+        results = {"always_student": results["always_student"], "always_student_vote": row,
+                   **{name: r for name, r in results.items() if name != "always_student"}}
+    weak, strong = (float(served(matched, False).mean()), float(np.mean(tc))) if matched else (0.0, 0.0)
+    # each curve grades the answer its policy serves, and its APGR starts from that answer's accuracy
+    scores: dict[str, tuple[Any, bool]] = {}
     for signal in SIGNALS:
         conf = [signals_of(s).agreement if signal == "agreement" else signals_of(s).token_confidence for s, _ in matched]
         if matched and all(c is not None for c in conf):
-            curves[signal] = M.router_summary(conf, sc, tc, M.SHARES)
+            scores[signal] = (conf, votes("confidence", signal))
+    learned = crossfit_learned(matched) if matched else None
+    if learned is not None:
+        scores["learned"] = (learned, k > 0)
+    curves = {}
+    for name, (conf, voted) in scores.items():
+        right = served(matched, voted)
+        curves[name] = {**M.router_summary(conf, right, tc, M.SHARES), "student_answer": "vote" if voted else "greedy",
+                        "student_accuracy": float(right.mean())}
     return {"n": len(matched), "student_accuracy": weak, "teacher_accuracy": strong, "target_share": target_share,
-            "policies": results, "curves": curves}
+            "samples": k, "policies": results, "curves": curves}

@@ -86,11 +86,14 @@ def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budg
     write_json(out, cal)
     log(f"calibrated on {cal['n']} held-out problems: student {cal['student_accuracy']:.1%}, teacher "
         f"{cal['teacher_accuracy']:.1%}")
+    vote = f" (the student answers with the vote of {cal['samples']} samples: set policy.samples={cal['samples']})"
     for signal, t in cal["thresholds"].items():
-        log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}")
+        log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}"
+            + (vote if signal == "agreement" else ""))
     if cal["learned"]:
         l = cal["learned"]
-        log(f"  learned: escalate below P(right) {l['threshold']:.4f} -> {l['rate']:.1%} escalated, accuracy {l['accuracy']:.1%}")
+        log(f"  learned: escalate below P(right) {l['threshold']:.4f} -> {l['rate']:.1%} escalated, accuracy {l['accuracy']:.1%}"
+            + (vote if l["samples"] else ""))
     return cal
 
 

@@ -48,6 +48,15 @@ def rule_decision(question: str, category: str | None, high_stakes: bool, rules)
     return None
 
 
+def votes(kind: str, signal: str, learned: dict[str, Any] | None = None) -> bool:
+    """Whether a policy reads the agreement of the student's k sampled answers, and so serves their
+    vote (jobs.tasks.verify.vote) rather than a single answer: the agreement signal, and a learned
+    router fitted on items that had samples."""
+    if kind == "confidence":
+        return signal == "agreement"
+    return kind == "learned" and bool((learned or {}).get("samples"))
+
+
 def signal_value(signals: Signals, signal: str) -> float | None:
     return signals.agreement if signal == "agreement" else signals.token_confidence
 

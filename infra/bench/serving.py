@@ -231,13 +231,14 @@ def quality(args) -> None:
         print(f"{name:<22}{p['accuracy']:>10.1%}{cell:>33}{p['escalated']:>11.1%}{part}")
     for signal, c in cq["curves"].items():
         f, best = c["escalation_for_share"], c["best"]
-        apgr = "-" if c["apgr"] is None else f"{c['apgr']:.3f}" + ("" if c["apgr_reliable"] else " (the gap it divides by is uncertain)")
-        print(f"{signal}: APGR {apgr}; escalation for 50/80/95% of the teacher's quality: "
+        apgr = "-" if c["apgr"] is None else f"{c['apgr']:.3f}"
+        print(f"{signal} (the student's {c['student_answer']} answer, {c['student_accuracy']:.1%}): APGR {apgr}; "
+              "escalation for 50/80/95% of the teacher's quality: "
               + " / ".join("-" if f[k] is None else f"{f[k]:.0%}" for k in ("0.5", "0.8", "0.95"))
               + f"; best point {best['accuracy']:.1%} with {best['rate']:.0%} escalated")
-    if any(not c["apgr_reliable"] for c in cq["curves"].values()):
-        gap = next(iter(cq["curves"].values()))["gap"]
-        print(f"the teacher leads the student by {fmt_diff(gap)}: APGR divides by that gap, whose interval reaches zero")
+        if not c["apgr_reliable"]:
+            print(f"  the teacher leads that answer by {fmt_diff(c['gap'])}: APGR divides by this gap, whose interval "
+                  "reaches zero")
     if args.plot:
         import matplotlib
 

@@ -213,6 +213,8 @@ ITEM_SCHEMA = pa.schema([
     pa.field("samples", pa.int32()),                       # sampled answers besides the greedy one (k)
     pa.field("samples_correct", pa.int32()),
     pa.field("agreement", pa.float32()),                   # share of the k sampled answers equivalent to the majority (null: k = 0)
-    pa.field("majority_correct", pa.bool_()),              # majority@k (null: k = 0 or a tie)
+    pa.field("majority_correct", pa.bool_()),              # majority@k: the voted answer's grade (verify.vote: a tie
+                                                           # goes to the answer sampled first), what the router
+                                                           # serves when it reads agreement (null: k = 0)
     pa.field("pass_at_k", pa.float32()),                   # unbiased pass@k over the k samples (null: k = 0)
 ])

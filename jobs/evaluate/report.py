@@ -15,7 +15,7 @@ import numpy as np
 
 from jobs.common.schemas import ERROR, ITEM_SCHEMA
 from jobs.evaluate import metrics as M
-from jobs.tasks.verify import majority, vote_groups
+from jobs.tasks.verify import vote, vote_groups
 
 SHARES = M.SHARES
 
@@ -43,12 +43,17 @@ def items(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # an unread answer agrees with nothing: it gets a group of its own
             answers = [r["answer"] if r["answer"] is not None else f"\x00unread{i}" for i, r in enumerate(sampled)]
             groups_k = vote_groups(answers, greedy["verifier"] or "exact", greedy["metadata"] or "{}")
-            top, _, _ = majority(groups_k)
             item["agreement"] = M.agreement(groups_k)
-            item["majority_correct"] = None if top is None else bool(sampled[groups_k.index(top)]["correct"])
+            item["majority_correct"] = bool(sampled[groups_k.index(vote(groups_k))]["correct"])
             item["pass_at_k"] = M.pass_at_k(k, item["samples_correct"], k)
         out.append(item)
     return out
+
+
+def served_right(item: dict[str, Any], voted: bool) -> bool:
+    """Whether the student's answer a router serves is right: the vote of its k samples where the
+    router reads their agreement (serve.policies.votes), else its greedy answer."""
+    return bool(item["majority_correct"] if voted else item["correct"])
 
 
 def confidence(item: dict[str, Any], signal: str) -> float | None:
@@ -158,7 +163,8 @@ def build_report(all_items: list[dict[str, Any]], targets: list[dict[str, Any]],
             if not usable:
                 continue
             c = [confidence(s, signal) for s, _ in usable]
-            sc, tc = [s["correct"] for s, _ in usable], [t["correct"] for _, t in usable]
+            # under agreement the router serves the vote of the k samples: that answer is graded
+            sc, tc = [served_right(s, signal == "agreement") for s, _ in usable], [t["correct"] for _, t in usable]
             report["calibration"][signal] = {"n": len(usable), "reliability": M.reliability(c, sc),
                                              **M.router_summary(c, sc, tc, SHARES, **boot)}
 

@@ -187,6 +187,13 @@ def vote_groups(answers: list[str], verifier: str = "exact", metadata: str = "{}
     return out
 
 
+def vote(groups: list[int]) -> int | None:
+    """The group self-consistency answers with: the largest, a tie going to the group sampled first
+    (vote_groups numbers groups in order of first appearance); None without votes. The router
+    serves this answer, and the evaluation grades it as majority@k."""
+    return max(set(groups), key=lambda g: (groups.count(g), -g)) if groups else None
+
+
 def majority(groups: list[int]) -> tuple[int | None, float, int]:
     """Self-consistency from vote_groups' numbering: (the majority group, or None on a tie or
     without votes; its share of the votes; the number of votes)."""

@@ -114,19 +114,27 @@ def stop_node(proc) -> None:
     proc.wait()
 
 
-def wait_for_dashboard(url: str, proc, seconds: float = 180) -> None:
-    """Until the head node's dashboard (and its job server) answers; fails if the node ended."""
+def wait_until(predicate, seconds: float, what: str, every: float = 1.0):
+    """Calls `predicate` until it returns something true (returned) or `seconds` pass (an
+    AssertionError saying `what` did not happen). The predicate may assert on the way."""
     import time
 
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
+        time.sleep(every)
+    return value
+
+
+def wait_for_dashboard(url: str, proc, seconds: float = 180) -> None:
+    """Until the head node's dashboard (and its job server) answers; fails if the node ended."""
     import httpx
 
-    deadline = time.time() + seconds
-    while time.time() < deadline:
+    def up() -> bool:
         try:
-            if httpx.get(f"{url}/api/version", timeout=5).status_code == 200:
-                return
+            return httpx.get(f"{url}/api/version", timeout=5).status_code == 200
         except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, "ray start --head ended"
-        time.sleep(1)
-    raise AssertionError("the head node's dashboard did not come up")
+            assert proc.poll() is None, "ray start --head ended"
+            return False
+
+    wait_until(up, seconds, "the head node's dashboard did not come up")

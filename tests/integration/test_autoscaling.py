@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common.runs import read_dataset
-from shared import cotd, cotd_start, ray_node, stop_node, wait_for_dashboard
+from shared import cotd, cotd_start, ray_node, stop_node, wait_for_dashboard, wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -86,10 +86,7 @@ def live_nodes(url: str) -> int:
 def test_teacher_replicas_grow_as_nodes_join(cluster, tiny_model, tmp_path):
     url, add_worker, _ = cluster
     add_worker()
-    deadline = time.time() + 120
-    while live_nodes(url) < 2 and time.time() < deadline:
-        time.sleep(1)
-    assert live_nodes(url) == 2, "the first worker node did not join"
+    wait_until(lambda: live_nodes(url) == 2, 120, "the first worker node did not join")
 
     out = tmp_path / "gen"
     sources = json.dumps([{"type": "reasoning_gym", "tasks": [{"name": "basic_arithmetic", "size": PROBLEMS, "seed": 5}]}])
@@ -160,9 +157,7 @@ def test_training_workers_are_placed_on_the_nodes_that_have_room(cluster, curate
     url, add_worker, nodes = cluster
     while len(nodes) < 3:  # alone, this test adds the two worker nodes the generation test leaves
         add_worker()
-    deadline = time.time() + 120
-    while live_nodes(url) < len(nodes) and time.time() < deadline:
-        time.sleep(1)
+    wait_until(lambda: live_nodes(url) >= len(nodes), 120, "the worker nodes did not join")
     out = tmp_path / "student"
     done = cotd("submit", "train", "--config", "configs/train/quickstart.yaml", "--address", url, "--follow",
                 f"data={curated}", f"model={tiny_model}", f"out_dir={out}", "precision=fp32", "max_seq_len=256",

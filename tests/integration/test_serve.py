@@ -20,18 +20,25 @@ KEY = "sk-test-key"
 Q = [{"role": "user", "content": "What is 2 + 3? Think step by step."}]
 
 
-def serve_config(student_dir, teacher) -> ServeConfig:
+# a learned router as `cotd serve calibrate` writes it from items with 3 sampled answers per
+# problem: it reads their agreement, so the router asks for samples and serves their vote
+LEARNED = {"thresholds": {}, "samples": 3, "by_category": {},
+           "learned": {"weights": [0.0, 0.0, 0.0, 0.0], "categories": [], "threshold": 0.0, "samples": 3}}
+
+
+def serve_config(student_dir, teacher, calibration=None) -> ServeConfig:
     engine = {"max_model_len": 1024, "gpu_memory_utilization": 0.1, "scaling": {"cpus": 1}}
     data = {"student": {"run": str(student_dir), **engine, "timeout_s": 60},
             "teacher": {"model": str(teacher), **engine, "timeout_s": 8},
-            "policy": {"kind": "confidence", "signal": "logprob", "threshold": 0.0},
+            "policy": {"kind": "confidence", "signal": "logprob", "threshold": 0.0, "calibration": calibration},
             "limits": {"max_tokens": 32, "max_prompt_tokens": 400}, "port": PORT, "name": "cotd-test",
             "api_key_env": "COTD_TEST_SERVE_KEY", "allow_request_overrides": True}
     return build(ServeConfig, data)
 
 
 @pytest.fixture(scope="module")
-def server(lora_run, tiny_model, ray_session):
+def server(lora_run, tiny_model, ray_session, tmp_path_factory):
+    import json
     import os
 
     from ray import serve
@@ -41,7 +48,9 @@ def server(lora_run, tiny_model, ray_session):
     student_dir, _, _ = lora_run
     os.environ["COTD_TEST_SERVE_KEY"] = KEY
 
-    start(serve_config(student_dir, tiny_model), log=lambda *_: None, blocking=False)
+    calibration = tmp_path_factory.mktemp("router") / "router.json"
+    calibration.write_text(json.dumps(LEARNED))
+    start(serve_config(student_dir, tiny_model, str(calibration)), log=lambda *_: None, blocking=False)
     yield
     serve.shutdown()
 
@@ -108,6 +117,9 @@ def test_each_policy_and_rule_routes_as_configured(server):
     meta = ask(policy={"signal": "agreement", "samples": 3, "threshold": 0.0})
     assert meta["answered_by"] == "student" and len(meta["signals"]["answers"]) == 3
     assert meta["signals"]["agreement"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    meta = ask(policy={"kind": "learned", "samples": 3})
+    assert (meta["answered_by"], meta["policy"], meta["reason"]) == ("student", "learned", "predicted_right")
+    assert len(meta["signals"]["answers"]) == 3 and meta["signals"]["agreement"] is not None
     meta = ask([{"role": "user", "content": "Check this contract."}], policy={"rules": {"keywords": ["contract"]}})
     assert meta["reason"] == "rule:keyword" and meta["answered_by"] == "teacher"
     assert ask(category="legal", policy={"rules": {"teacher_categories": ["legal"]}})["reason"] == "rule:category"

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
-from shared import cotd, ray_node, stop_node, wait_for_dashboard
+from shared import cotd, ray_node, stop_node, wait_for_dashboard, wait_until
 
 pytestmark = pytest.mark.integration
 # ports apart from any other Ray on this machine (a session's local Ray runs its own agents)
@@ -83,17 +82,17 @@ def test_submit_follow_list_and_refusals(head, tmp_path):
                        "paths_per_problem=1", f"teacher.base_url=http://127.0.0.1:{slow.server_address[1]}/v1",
                        "teacher.qps=null")
         assert started.returncode == 0 and "submitted cotd-test-stop" in started.stdout, started.stderr[-2000:]
-        deadline = time.time() + 180
-        while not slow.payloads:  # the job is running once its first request reaches the teacher
-            assert time.time() < deadline, "the submitted job never reached the teacher"
-            time.sleep(1)
+        # the job is running once its first request reaches the teacher
+        wait_until(lambda: slow.payloads, 180, "the submitted job did not reach the teacher")
         assert cotd("jobs", "status", "cotd-test-stop", "--address", head).stdout.strip() == "RUNNING"
         stopped = cotd("jobs", "stop", "cotd-test-stop", "--address", head)
         assert stopped.returncode == 0 and "cotd-test-stop: stop requested" in stopped.stdout
-        deadline = time.time() + 60
-        while (status := cotd("jobs", "status", "cotd-test-stop", "--address", head).stdout.strip()) != "STOPPED":
-            assert time.time() < deadline and status in ("RUNNING", "STOPPED"), status
-            time.sleep(1)
+        def stopped() -> bool:
+            status = cotd("jobs", "status", "cotd-test-stop", "--address", head).stdout.strip()
+            assert status in ("RUNNING", "STOPPED"), status
+            return status == "STOPPED"
+
+        wait_until(stopped, 60, "the stopped job did not reach STOPPED")
     finally:
         slow.shutdown()
     assert not (tmp_path / "slow" / "manifest.json").exists()

@@ -54,7 +54,7 @@ def items(n=40):
         for target, right, lp in (("student", s_right, math.log(conf)), ("teacher", t_right, -0.1)):
             out.append({"target": target, "suite": "held", "suite_kind": "held_out", "problem_id": f"p{i}",
                         "category": "math" if i % 2 else "logic", "question": f"question {i}", "correct": right,
-                        "mean_logprob": lp, "agreement": conf})
+                        "mean_logprob": lp, "agreement": conf, "samples": 4, "majority_correct": right})
     return out
 
 
@@ -98,8 +98,53 @@ def complementary(n=80):
         for target, right, lp in (("student", s_right, math.log(conf)), ("teacher", not s_right, -0.1)):
             out.append({"target": target, "suite": "held", "suite_kind": "held_out", "problem_id": f"p{i}",
                         "category": "math", "question": f"question {i}", "correct": right, "mean_logprob": lp,
-                        "agreement": conf})
+                        "agreement": conf, "samples": 4, "majority_correct": right})
     return out
+
+
+def voting(n=40):
+    """The student's greedy answer is wrong on every problem, the vote of its samples right where
+    they agree (agreement 0.75), wrong where they scatter (0.25); the teacher is always right."""
+    out = []
+    for i in range(n):
+        agrees = i % 2 == 0
+        for target, right, vote in (("student", False, agrees), ("teacher", True, None)):
+            out.append({"target": target, "suite": "held", "suite_kind": "held_out", "problem_id": f"p{i}",
+                        "category": "math", "question": f"question {i}", "correct": right, "mean_logprob": -0.5,
+                        "agreement": (0.75 if agrees else 0.25) if vote is not None else None,
+                        "samples": 4 if vote is not None else 0, "majority_correct": vote})
+    return out
+
+
+def test_policies_that_read_agreement_are_graded_on_the_vote_they_serve():
+    """Under agreement the router serves the vote of the k samples (serve/app.py), so calibration and
+    the cost-quality curve grade that answer, not the greedy one; a learned router fitted on
+    items with samples reads agreement, and so asks for samples and serves their vote too."""
+    from serve.calibrate import crossfit_learned
+    from serve.policies import votes
+
+    cal = calibrate(voting(), target_share=0.95)
+    assert cal["samples"] == 4 and cal["learned"]["samples"] == 4
+    # escalating the scattered half reaches the teacher: the vote is right on the other half
+    assert (cal["thresholds"]["agreement"]["rate"], cal["thresholds"]["agreement"]["accuracy"]) == (0.5, 1.0)
+    assert votes("confidence", "agreement") and not votes("confidence", "logprob")
+    assert votes("learned", "logprob", cal["learned"]) and not votes("learned", "logprob", {"samples": 0})
+    cq = cost_quality(voting(80), target_share=0.95)
+    assert cq["policies"]["always_student"]["accuracy"] == 0.0
+    assert cq["policies"]["always_student_vote"]["accuracy"] == 0.5
+    agree = cq["curves"]["agreement"]
+    assert (agree["student_answer"], agree["student_accuracy"]) == ("vote", 0.5)
+    assert agree["escalation"][0]["accuracy"] == 0.5 and agree["best"] == {"rate": 0.5, "escalated": 40, "accuracy": 1.0}
+    assert cq["curves"]["logprob"]["student_answer"] == "greedy" and cq["curves"]["logprob"]["escalation"][0]["accuracy"] == 0.0
+    assert cq["curves"]["learned"]["student_answer"] == "vote" and cq["curves"]["learned"]["apgr"] > 0.7
+    assert cq["policies"]["confidence:agreement"]["accuracy"] == 1.0
+
+    # the learned curve is out of sample: a problem's estimate does not move with its own label
+    base = crossfit_learned(pairs(voting(80)))
+    flipped = [dict(i, majority_correct=not i["majority_correct"]) if i["target"] == "student" and i["problem_id"] == "p0"
+               else i for i in voting(80)]
+    again = crossfit_learned(pairs(flipped))
+    assert again[0] == pytest.approx(base[0]) and not (again == pytest.approx(base))
 
 
 def test_a_router_beats_the_teacher_where_the_two_are_right_on_different_problems(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import reasoning_gym
 
 from jobs.tasks.verify import (checkable, equivalent, is_correct, majority, math_equal, normalize, number_value, score,
-                               stated_numbers, vote_groups)
+                               stated_numbers, vote, vote_groups)
 
 
 def gym_entry(task: str, answer: str | None = None, seed: int = 3) -> tuple[str, str]:
@@ -102,6 +102,8 @@ def test_equivalent_answers_vote_together(verifier):
     assert majority(groups) == (0, pytest.approx(0.8), 5)
     assert majority(vote_groups(["4", "5"], verifier))[0] is None  # a tie has no majority
     assert majority([]) == (None, 0.0, 0)
+    # the vote the router serves: the largest group, a tie to the group sampled first
+    assert vote([0, 1, 1, 0, 2]) == 0 and vote([0, 1, 1]) == 1 and vote([]) is None
 
 
 def test_votes_use_a_reasoning_gym_verifier():
