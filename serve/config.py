@@ -77,7 +77,9 @@ class PolicyConfig:
     signal: Literal["agreement", "logprob"] = doc(
         "confidence policy: agreement of k sampled student answers (one request with n=k) or the geometric mean "
         "probability of the greedy answer's tokens", "logprob")
-    samples: int = doc("agreement signal: sampled student answers per query (n)", 4)
+    samples: int = doc("sampled student answers per query (n) where the policy reads their agreement (the agreement "
+                       "signal, a learned router fitted on sampled answers), which then serves their vote; set it to "
+                       "the k router.json was calibrated on", 4)
     threshold: float | None = doc("escalate below this confidence (null: from the calibration file)", None)
     calibration: str | None = doc("router.json written by `cotd serve calibrate` (thresholds, learned weights)", None)
     rules: RuleConfig = doc("queries that always go to the teacher, before the policy", RuleConfig())

@@ -34,7 +34,10 @@ def start(cfg: ServeConfig, log=emit, blocking: bool = True) -> str:
     app = build_app(cfg, log)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     log(f"starting {cfg.name}: student, teacher and router deployments (the first start loads both engines)")
-    serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
+    try:
+        serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
+    except RuntimeError as e:
+        raise deploy_error(e, cfg, log) from None
     wait_healthy(f"http://{'127.0.0.1' if cfg.host == '0.0.0.0' else cfg.host}:{cfg.port}/health")
     url = f"http://{cfg.host}:{cfg.port}/v1"
     log(f"serving at {url} (models cotd-hybrid, cotd-student, cotd-teacher); Ctrl-C stops it")
@@ -45,6 +48,24 @@ def start(cfg: ServeConfig, log=emit, blocking: bool = True) -> str:
         except KeyboardInterrupt:
             serve.shutdown()
     return url
+
+
+def deploy_error(error: RuntimeError, cfg: ServeConfig, log) -> Exception:
+    """What to tell the user when Serve could not deploy the application: a model deployment on a
+    CPU whose vLLM engine did not start gets the memory-share error of jobs.common.engine (Serve
+    retries the replica, then names the deployment; vLLM's reason is in the log above). Any other
+    failure is returned as it is."""
+    from jobs.common.engine import ModelConfig, engine_dtype, engine_start_error
+    from serve.app import resolve_spec
+
+    for role in ("student", "teacher"):
+        spec = getattr(cfg, role)
+        if spec.base_url is None and spec.scaling.gpus == 0 and f"'{role}:" in str(error):
+            path = resolve_spec(spec, log)["path"]
+            dtype = engine_dtype(ModelConfig(model=path, dtype=spec.dtype))
+            return engine_start_error(f"serve: the {role}'s deployment", f"{role}.gpu_memory_utilization",
+                                      spec.model or spec.run, path, dtype, spec.gpu_memory_utilization)
+    return error
 
 
 def wait_healthy(url: str, timeout_s: float = 600) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from jobs.common.engine import ModelConfig, SamplingConfig, cpu_binding_env, engine_dtype, sampling_params
+from jobs.common.engine import (ENGINE_START_FAILED, ModelConfig, SamplingConfig, cpu_binding_env, engine_dtype,
+                               engine_start_error, sampling_params)
 from jobs.common.offline import FinalOnly, offline_engine_kwargs
 
 
@@ -217,11 +218,12 @@ class FinishBatch:
 def run_llm(rows: list[dict[str, Any]], *, llm: ModelConfig, sampling: SamplingConfig, model_path: str | None,
             finish: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema, folder: Path, ray_cfg,
             label: str, write_rows: int, counts: Callable[[Any], dict[str, int]], log,
-            warm: Callable[[], None] | None = None) -> dict[str, Any]:
+            warm: Callable[[], None] | None = None, memory_key: str = "gpu_memory_utilization") -> dict[str, Any]:
     """Stream `rows` through the model on Ray Data; each result batch is finished (`finish`) on the
     workers and written by the driver as one atomic part file into `folder`, so an interrupted run
     keeps every batch it completed. `counts(batch)` feeds the progress line; `warm` loads what
-    `finish` needs, once per finishing actor, while the model starts."""
+    `finish` needs, once per finishing actor, while the model starts. `memory_key` names the model's
+    memory share in the user's config, for the error when its engine does not start."""
     import ray
 
     from jobs.common.progress import Progress
@@ -259,5 +261,11 @@ def run_llm(rows: list[dict[str, Any]], *, llm: ModelConfig, sampling: SamplingC
         except KeyboardInterrupt:
             log(f"\ninterrupted: {progress.rows} rows of this run are saved in {folder}; "
                 "run the same command again to do the rest")
+            raise
+        except Exception as e:
+            # an engine on a CPU that did not start: most often its memory share (vLLM's reason is logged)
+            if llm.backend == "vllm" and not llm.use_gpu and ENGINE_START_FAILED in str(e):
+                raise engine_start_error(label, memory_key, llm.model, model_path, engine_dtype(llm),
+                                         llm.gpu_memory_utilization) from None
             raise
     return {"rows": progress.rows, "output_tokens": progress.tokens, "seconds": round(progress.elapsed(), 2)}

@@ -7,6 +7,7 @@ serving application (serve/) both build their engines from `ModelConfig` through
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.common.config import doc
+from jobs.common.errors import CotdError
 
 
 # vLLM's CPU worker takes this share of the node's RAM for everything it holds, not for the KV cache alone
@@ -194,6 +196,46 @@ def cpu_binding_env(llm: ModelConfig) -> dict[str, str]:
     if llm.cpu_binding == "auto":
         return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if physical_cores() <= SHARE_SCHEDULER_CORES else {}
     return {"VLLM_CPU_OMP_THREADS_BIND": llm.cpu_binding}
+
+
+# What vLLM raises where an engine was started and its core did not come up; the reason is in the
+# engine's own log above it (on a CPU, most often a memory share too small for the weights)
+ENGINE_START_FAILED = "Engine core initialization failed"
+# what vLLM 0.32's CPU worker held besides the KV cache, above the weights, measured in float32 on
+# 2-core machines: 1.0 GiB for SmolLM2-135M, 2.3 GiB for Qwen2.5-0.5B (docs/benchmarks.md); the
+# share the error suggests budgets the upper end, rounded up
+CPU_RUNTIME_GIB = (1.0, 2.5)
+
+
+def engine_start_error(what: str, key: str, model: str, path: str | None, dtype: str, share: float,
+                       ram_bytes: int | None = None) -> CotdError:
+    """The error for a vLLM engine on a CPU that did not start: it names `key` (the memory share's
+    config key), what the share gives, what the weights need, and the share to try."""
+    gib = 1 << 30
+    ram = (ram_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / gib
+    weights = weights_gib(path, dtype)
+    need = (f"the weights ({weights:.1f} GiB in {dtype}) and vLLM's runtime (another "
+            f"{CPU_RUNTIME_GIB[0]:g}-{CPU_RUNTIME_GIB[1]:g} GiB measured) before any KV cache" if weights is not None
+            else "the weights and vLLM's runtime before any KV cache")
+    suggest = "" if weights is None else (
+        f" Try {key}={min(0.95, math.ceil((weights + CPU_RUNTIME_GIB[1] + 0.5) / ram * 20) / 20):.2f}.")
+    return CotdError(f"{what}: the vLLM engine of {model} did not start (vLLM's own reason is in the log above). On a "
+                     f"CPU the usual reason is its memory share: {key}={share:g} gives the engine {share * ram:.1f} GiB "
+                     f"of this machine's {ram:.1f} GiB, which must hold {need}; vLLM then says 'less than requested "
+                     f"memory for kv' and to reduce other processes' memory, but the share is what to raise.{suggest}")
+
+
+def weights_gib(path: str | None, dtype: str) -> float | None:
+    """The weights' size in `dtype`, from a local model folder's config.json (None: no folder)."""
+    config = Path(path or "") / "config.json"
+    if not path or not config.is_file():
+        return None
+    import json
+
+    from jobs.cluster.plan import param_count
+
+    size = {"float32": 4, "float": 4}.get(dtype, 2)
+    return param_count(json.loads(config.read_text())) * size / (1 << 30)
 
 
 def engine_kwargs(llm: ModelConfig) -> dict[str, Any]:

@@ -188,5 +188,6 @@ def _judge(cfg: CurateConfig, chains, partitions: int, llm, model_path, tokenize
         attempt = run_llm(plan_judge_rows(todo, tokenizer, llm.model), llm=llm, sampling=cfg.judge.sampling,
                           model_path=model_path, finish=partial(finish_judgements, max_tokens=cfg.judge.sampling.max_tokens),
                           schema=JUDGEMENT_SCHEMA, folder=folder, ray_cfg=cfg.ray, label="judge",
-                          write_rows=cfg.judge.write_rows, counts=counts, log=log)
+                          write_rows=cfg.judge.write_rows, counts=counts, log=log,
+                          memory_key="judge.model.gpu_memory_utilization")
     return latest(read_dataset(folder), shas), attempt

@@ -220,7 +220,8 @@ def _run(cfg: EvalConfig, target, rows: list[dict], folder: Path, log, label: st
     attempt = run_llm(rows, llm=engine, sampling=sampling, model_path=engine.model if engine.backend == "vllm" else None,
                       finish=partial(finish_predictions, max_tokens=cfg.sampling.max_tokens), schema=PREDICTION_SCHEMA,
                       folder=folder, ray_cfg=cfg.ray, label=label, write_rows=64, counts=counts, log=log,
-                      warm=partial(warm, sorted({r["verifier"] for r in rows})))
+                      warm=partial(warm, sorted({r["verifier"] for r in rows})),
+                      memory_key="engine.gpu_memory_utilization")
     return {**attempt, "tokens_by_key": tokens_by_key, "requests_by_key": requests_by_key}
 
 

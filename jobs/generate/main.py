@@ -103,4 +103,5 @@ def _generate(cfg: GenerateConfig, model_path: str | None, rows: list[dict], cha
     return run_llm(rows, llm=cfg.teacher, sampling=cfg.sampling, model_path=model_path,
                    finish=partial(finish_rows, max_tokens=cfg.sampling.max_tokens), schema=CHAIN_SCHEMA,
                    folder=chains_dir, ray_cfg=cfg.ray, label=STAGE, write_rows=cfg.write_rows,
-                   counts=counts, log=log, warm=partial(warm, sorted({r["verifier"] for r in rows})))
+                   counts=counts, log=log, warm=partial(warm, sorted({r["verifier"] for r in rows})),
+                   memory_key="teacher.gpu_memory_utilization")

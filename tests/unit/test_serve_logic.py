@@ -370,3 +370,39 @@ def test_the_pipeline_calibrates_the_router_from_its_evaluation(tmp_path):
     PartWriter(only / "items", ITEM_SCHEMA).write(pa.Table.from_pylist([r for r in rows if r["target"] == "student"],
                                                                         schema=ITEM_SCHEMA))
     assert calibrate_router(only, log=said.append) is None and "not calibrated" in said[-1]
+
+
+QWEN_05B = {"hidden_size": 896, "num_hidden_layers": 24, "vocab_size": 151936, "intermediate_size": 4864,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True}
+
+
+def test_an_engine_that_did_not_start_on_a_cpu_names_its_memory_share(tmp_path):
+    """vLLM's CPU worker counts weights and runtime inside its share of RAM, and when they fill it
+    says to reduce other processes' memory; cotd's error names the key to raise and by how much:
+    for `cotd serve` (Serve names the failed deployment) and for the batch stages."""
+    import json
+
+    from jobs.common.engine import engine_start_error
+    from serve.main import deploy_error
+
+    model = tmp_path / "qwen"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN_05B))
+    gib = 1 << 30
+    e = engine_start_error("generate", "teacher.gpu_memory_utilization", "qwen", str(model), "float32", 0.15, 24 * gib)
+    text = str(e)
+    # 0.49B parameters in float32; 0.15 of 24 GiB; the share that holds weights, runtime and some KV cache
+    assert "teacher.gpu_memory_utilization=0.15 gives the engine 3.6 GiB of this machine's 24.0 GiB" in text
+    assert "the weights (1.8 GiB in float32)" in text and text.endswith("Try teacher.gpu_memory_utilization=0.25.")
+    assert "(0.9 GiB in bfloat16)" in str(engine_start_error("x", "k", "qwen", str(model), "bfloat16", 0.1, 24 * gib))
+    assert "Try" not in str(engine_start_error("x", "k", "hub/id", None, "float32", 0.1, 24 * gib))
+
+    cfg = build(ServeConfig, {"student": {"model": str(model)}, "teacher": {"model": str(model), "gpu_memory_utilization": 0.03}})
+    failed = RuntimeError("Deploying application cotd-hybrid failed: Failed to update the deployments ['teacher:cotd-teacher'].")
+    err = deploy_error(failed, cfg, log=lambda *_: None)
+    assert "serve: the teacher's deployment" in str(err) and "teacher.gpu_memory_utilization=0.03" in str(err)
+    other = RuntimeError("Deploying application cotd-hybrid failed: the route prefix is taken")
+    assert deploy_error(other, cfg, log=lambda *_: None) is other
+    remote = build(ServeConfig, {"student": {"model": str(model)},
+                                 "teacher": {"base_url": "http://127.0.0.1:9/v1", "served_model": "big"}})
+    assert deploy_error(failed, remote, log=lambda *_: None) is failed  # an endpoint has no engine here
