@@ -57,8 +57,9 @@ def served_right(item: dict[str, Any], voted: bool) -> bool:
 
 
 def confidence(item: dict[str, Any], signal: str) -> float | None:
-    """A student's confidence in its greedy answer, in [0, 1]: `agreement` of its k samples, or
-    `logprob`, the geometric mean probability of its tokens (exp of the mean log-probability)."""
+    """A student's confidence, in [0, 1]: `agreement` of its k samples (in their vote, the answer a
+    router reading it serves), or `logprob`, the geometric mean probability of its greedy answer's
+    tokens (exp of the mean log-probability)."""
     if signal == "agreement":
         return item["agreement"]
     lp = item["mean_logprob"]
@@ -291,6 +292,9 @@ def markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str
         cal = report["calibration"]
         unreliable = {s: fmt_diff(c["gap"]) for s, c in cal.items()
                       if c["apgr"] is not None and not c.get("apgr_reliable", True)}
+        if "agreement" in cal:
+            lines += ["The agreement row grades the answer a router reading agreement serves, the vote of the "
+                      "student's samples; the logprob row grades the greedy answer.", ""]
         lines += _table(["signal", "items", "ECE", "APGR", "escalation for 50% / 80% / 95% of the gap",
                          "best router: accuracy (escalated)"], "lrrrlr",
                         [[signal, str(c["n"]), f"{c['reliability']['ece']:.3f}",
