@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.config import ModelSpec, ServeConfig
-from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_decision, votes
+from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_decision, signal_value, votes
 
 logger = logging.getLogger("cotd.serve")
 HYBRID, STUDENT_ID, TEACHER_ID = "cotd-hybrid", "cotd-student", "cotd-teacher"
@@ -331,7 +331,7 @@ class HybridRouter:
             decision = decide(p.kind, signals, signal=p.signal, threshold=req["threshold"],
                               learned=(self.calibration or {}).get("learned"))
         category = req["category"] or "?"
-        drift = self.drift.observe(category, signal_for(signals, p), decision.target == TEACHER)
+        drift = self.drift.observe(category, signal_value(signals, p.signal), decision.target == TEACHER)
         self.g_drift.set(1.0 if drift["drifted"] else 0.0, tags={"category": category})
         self.g_rate.set(drift["escalation_rate"], tags={"category": category})
         if drift["confidence"] is not None:
@@ -510,10 +510,6 @@ def prompt_token_bound(messages: list[dict[str, str]], overhead: tuple[int, int,
     head, *rest = messages
     system = max(0, len(head["content"].encode()) - head_bytes) + 1
     return fixed + system + sum(len(m["content"].encode()) + per + 1 for m in rest)
-
-
-def signal_for(signals: Signals, policy) -> float | None:
-    return signals.agreement if policy.signal == "agreement" else signals.token_confidence
 
 
 async def endpoint_chat(endpoint: dict[str, Any], messages, max_tokens: int, temperature: float) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from jobs.evaluate import metrics as M
 from jobs.evaluate.report import served_right
-from serve.policies import Signals, decide, features, votes
+from serve.policies import Signals, decide, features, signal_value, votes
 
 SIGNALS = ("agreement", "logprob")
 
@@ -45,9 +45,13 @@ def served(matched: list[tuple[dict, dict]], voted: bool) -> np.ndarray:
     return np.array([served_right(s, voted) for s, _ in matched], dtype=bool)
 
 
-def predict(weights: np.ndarray | list[float], sigs: list[Signals], categories: list[str]) -> np.ndarray:
-    """The learned router's estimate that the student is right, for each query's signals."""
-    x = np.array([features(s, categories) for s in sigs])
+def feature_matrix(sigs: list[Signals], categories: list[str]) -> np.ndarray:
+    """The learned router's inputs (serve.policies.features), one row per query."""
+    return np.array([features(s, categories) for s in sigs])
+
+
+def predict(weights: np.ndarray | list[float], x: np.ndarray) -> np.ndarray:
+    """The learned router's estimate that the student is right, for each row of `feature_matrix`."""
     return 1 / (1 + np.exp(-np.clip(x @ np.asarray(weights), -30, 30)))
 
 
@@ -92,7 +96,7 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
     out["samples"] = k
     sigs = [signals_of(s) for s, _ in matched]
     for signal in SIGNALS:
-        conf = [s.agreement if signal == "agreement" else s.token_confidence for s in sigs]
+        conf = [signal_value(s, signal) for s in sigs]
         if any(c is None for c in conf):
             continue
         right = served(matched, votes("confidence", signal))
@@ -102,8 +106,9 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
     # the learned router reads agreement where the items have samples, and then serves their vote
     right = served(matched, k > 0)
     categories = sorted({s.category for s in sigs if s.category})
-    weights = fit_logistic(np.array([features(s, categories) for s in sigs]), right.astype(float))
-    p = predict(weights, sigs, categories)
+    x = feature_matrix(sigs, categories)
+    weights = fit_logistic(x, right.astype(float))
+    p = predict(weights, x)
     t = M.threshold_for(p, right, tc, floor=target["floor"], budget=budget)
     if t is not None:
         out["learned"] = {"weights": weights.tolist(), "categories": categories, "threshold": t["threshold"],
@@ -123,7 +128,7 @@ def category_stats(matched: list[tuple[dict, dict]], calibration: dict[str, Any]
         c["n"] += 1
         sig = signals_of(s)
         for signal, t in calibration["thresholds"].items():
-            v = sig.agreement if signal == "agreement" else sig.token_confidence
+            v = signal_value(sig, signal)
             c["confidence"][signal] = c["confidence"].get(signal, 0.0) + v
             c["escalated"][signal] = c["escalated"].get(signal, 0) + (v < t["threshold"])
     for c in out.values():
@@ -150,7 +155,7 @@ def crossfit_learned(matched: list[tuple[dict, dict]], folds: int = 5) -> np.nda
     k = samples_of(matched)
     sigs = [signals_of(s) for s, _ in matched]
     right = served(matched, k > 0).astype(float)
-    categories = sorted({s.category for s in sigs if s.category})
+    x = feature_matrix(sigs, sorted({s.category for s in sigs if s.category}))
     which = np.array([fold_of(p, folds) for p in matched])
     out = np.zeros(len(matched))
     for f in range(folds):
@@ -159,8 +164,7 @@ def crossfit_learned(matched: list[tuple[dict, dict]], folds: int = 5) -> np.nda
             continue
         if not fit.any():
             return None
-        weights = fit_logistic(np.array([features(s, categories) for s, keep in zip(sigs, fit) if keep]), right[fit])
-        out[held] = predict(weights, [s for s, h in zip(sigs, held) if h], categories)
+        out[held] = predict(fit_logistic(x[fit], right[fit]), x[held])
     return out
 
 
@@ -221,13 +225,13 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
         share = M.recovery(vote, tc)
         row = {"accuracy": float(np.mean(vote)), "escalated": 0.0, "n": len(vote), "share_of_teacher": share["value"],
                "share_ci": share["ci"]}
-        results = {"always_student": results["always_student"], "always_student_vote": row,
-                   **{name: r for name, r in results.items() if name != "always_student"}}
+        results["always_student_vote"] = row
     weak, strong = (float(served(matched, False).mean()), float(np.mean(tc))) if matched else (0.0, 0.0)
     # each curve grades the answer its policy serves, and its APGR starts from that answer's accuracy
     scores: dict[str, tuple[Any, bool]] = {}
+    sigs = [signals_of(s) for s, _ in matched]
     for signal in SIGNALS:
-        conf = [signals_of(s).agreement if signal == "agreement" else signals_of(s).token_confidence for s, _ in matched]
+        conf = [signal_value(s, signal) for s in sigs]
         if matched and all(c is not None for c in conf):
             scores[signal] = (conf, votes("confidence", signal))
     learned = crossfit_learned(matched) if matched else None

@@ -134,21 +134,22 @@ def overhead(args) -> None:
         return 1000 * (time.perf_counter() - t0)
 
     loop = asyncio.new_event_loop()
-    d, s, r, h = [], [], [], []
+    paths = {"handle call to the student deployment": lambda c: loop.run_until_complete(direct()),
+             "HTTP, Ray Serve LLM's ingress, student": stock, "HTTP, cotd's router, student": routed,
+             "HTTP to the router, no model (/health)": health}
+    ms: dict[str, list[float]] = {name: [] for name in paths}
     with httpx.Client(timeout=60) as c:
         for i in range(args.warmup + args.requests):  # interleaved, so all four see the same machine
-            a, b, e, f = loop.run_until_complete(direct()), stock(c), routed(c), health(c)
-            if i >= args.warmup:
-                d.append(a)
-                s.append(b)
-                r.append(e)
-                h.append(f)
+            for name, call in paths.items():
+                took = call(c)
+                if i >= args.warmup:
+                    ms[name].append(took)
     print(f"requests: {args.requests} each, one-token answers, interleaved")
-    for name, v in (("handle call to the student deployment", d),
-                    ("HTTP, Ray Serve LLM's ingress, student", s), ("HTTP, cotd's router, student", r),
-                    ("HTTP to the router, no model (/health)", h)):
+    for name, v in ms.items():
         print(f"  {name:<40} p50 {percentile(v, 50):7.1f} ms   p99 {percentile(v, 99):7.1f} ms   mean {statistics.mean(v):7.1f} ms")
-    for name, base in (("the student behind Ray Serve LLM's own OpenAI ingress", s), ("a handle call (no HTTP)", d)):
+    r = ms["HTTP, cotd's router, student"]
+    for name, base in (("the student behind Ray Serve LLM's own OpenAI ingress", ms["HTTP, Ray Serve LLM's ingress, student"]),
+                       ("a handle call (no HTTP)", ms["handle call to the student deployment"])):
         med, (lo, hi) = paired_median(r, base)
         print(f"router overhead against {name}: p50 {percentile(r, 50) - percentile(base, 50):.1f} ms, "
               f"p99 {percentile(r, 99) - percentile(base, 99):.1f} ms; median of the paired differences "
