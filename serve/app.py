@@ -113,8 +113,43 @@ async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
     return error_response(e)
 
 
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def given(body: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A request field, where an explicit null means the default (as OpenAI's API reads it)."""
+    value = body.get(key)
+    return default if value is None else value
+
+
+def message_text(i: int, m: Any) -> dict[str, str]:
+    """A chat message as the models read it: {role, content} with text content. A list of text
+    parts is joined by newlines; other parts, tool turns and tool calls are refused."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, dict) else None
+        raise HTTPError(400, f"messages[{i}] must be an object with role system, developer, user or assistant"
+                             + (f", got role {role!r} (the router answers without tools)" if role else ""))
+    content = m.get("content")
+    if m.get("tool_calls") or m.get("function_call"):
+        raise HTTPError(400, f"messages[{i}] holds tool calls; the router answers without tools")
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise HTTPError(400, f"messages[{i}].content[{j}] is a {kind!r} part; the models read text parts only")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise HTTPError(400, f"messages[{i}] content must be a string or a list of text parts, got {type(content).__name__}")
+    return {"role": ROLES[m["role"]], "content": content}
+
+
 def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
-    """The request's fields, checked: HTTPError (4xx) naming what is wrong."""
+    """The request's fields, checked: HTTPError (4xx) naming what is wrong. Read: model, messages
+    (text, or text parts), max_tokens (or max_completion_tokens), temperature, top_p, stop, n (1),
+    stream, stream_options.include_usage and the `cotd` extension; tools and non-text response
+    formats are refused; other OpenAI fields (seed, user, penalties, logprobs) are ignored."""
     if not isinstance(body, dict):
         raise HTTPError(400, "the request body must be a JSON object")
     messages = body.get("messages")
@@ -122,29 +157,49 @@ def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
         raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects")
     if len(messages) > limits.max_messages:
         raise HTTPError(400, f"'messages' holds {len(messages)} messages; at most {limits.max_messages} are accepted")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise HTTPError(400, f"messages[{i}] must be an object with role system, user or assistant and a string content")
+    messages = [message_text(i, m) for i, m in enumerate(messages)]
     if messages[-1]["role"] != "user":
         raise HTTPError(400, "the last message must be the user's")
-    model = body.get("model") or HYBRID
+    model = given(body, "model", HYBRID)
     if model not in models:
         raise HTTPError(404, f"model {model!r} is not served here; models: {', '.join(sorted(models))}", "not_found_error")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", limits.max_tokens))
+    for key in ("tools", "functions"):
+        if given(body, key):
+            raise HTTPError(400, f"'{key}' is not supported: the router answers with text, without tools")
+    response_format = given(body, "response_format", {"type": "text"})
+    if not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
+        raise HTTPError(400, f"response_format must be {{\"type\": \"text\"}}, got {body.get('response_format')!r}: "
+                             "the router answers with text")
+    max_tokens = given(body, "max_tokens", given(body, "max_completion_tokens", limits.max_tokens))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limits.max_tokens:
         raise HTTPError(400, f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {max_tokens!r}")
-    n = body.get("n", 1)
-    if n != 1:
+    if given(body, "n", 1) != 1:
         raise HTTPError(400, "n must be 1: the router returns one chosen answer")
-    temperature = body.get("temperature", 0.0)
+    temperature = given(body, "temperature", 0.0)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise HTTPError(400, f"temperature must be a number from 0 to 2, got {temperature!r}")
-    ext = body.get("cotd") or {}
+    sampling: dict[str, Any] = {}
+    top_p = given(body, "top_p", 1.0)
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise HTTPError(400, f"top_p must be a number above 0 and at most 1, got {top_p!r}")
+    if top_p < 1:
+        sampling["top_p"] = float(top_p)
+    stop = given(body, "stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
+        raise HTTPError(400, f"stop must be a string or a list of at most 4 non-empty strings, got {body.get('stop')!r}")
+    if stop:
+        sampling["stop"] = stop
+    options = given(body, "stream_options", {})
+    if not isinstance(options, dict):
+        raise HTTPError(400, "stream_options must be an object such as {\"include_usage\": true}")
+    ext = given(body, "cotd", {})
     if not isinstance(ext, dict):
         raise HTTPError(400, "'cotd' must be an object such as {\"high_stakes\": true, \"category\": \"math\"}")
     overrides = {k: ext[k] for k in ("policy", "fallback") if k in ext}
     return {"messages": messages, "model": model, "max_tokens": max_tokens, "temperature": float(temperature),
-            "stream": bool(body.get("stream", False)), "high_stakes": bool(ext.get("high_stakes", False)),
+            "sampling": sampling, "stream": bool(given(body, "stream", False)),
+            "include_usage": bool(options.get("include_usage")), "high_stakes": bool(ext.get("high_stakes", False)),
             "category": ext.get("category"), "question": messages[-1]["content"], "overrides": overrides}
 
 
@@ -338,7 +393,7 @@ class HybridRouter:
             self.g_conf.set(drift["confidence"], tags={"category": category})
         if decision.target == TEACHER:
             return await self._teacher_reply(req, decision, (student, signals), started)
-        return self._reply(req, STUDENT, student["text"], student["usage"], decision, signals, started)
+        return self._reply(req, STUDENT, student, decision, signals, started)
 
     async def _student(self, req: dict[str, Any], k: int) -> dict[str, Any]:
         """The student's answer(s): one request with n=k (sampled when k > 1), log-probabilities on."""
@@ -347,7 +402,7 @@ class HybridRouter:
         temperature = req["temperature"] if k == 1 else max(req["temperature"], 0.7)
         body = ChatCompletionRequest(model=STUDENT_ID, messages=req["student_messages"],
                                      max_tokens=req["max_tokens"], temperature=temperature, n=k, logprobs=True,
-                                     stream=False)
+                                     stream=False, **req["sampling"])
         t0 = time.perf_counter()
         try:
             resp = await asyncio.wait_for(self._first(self.student, body), self.cfg.student.timeout_s)
@@ -362,7 +417,8 @@ class HybridRouter:
         lp = mean_logprob(choices[chosen])
         return {"text": texts[chosen], "answers": [answers[chosen]] + [a for i, a in enumerate(answers) if i != chosen],
                 "agreement": groups.count(top) / len(groups) if k > 1 else None,
-                "token_confidence": math.exp(lp) if lp is not None else None, "usage": resp.get("usage") or {}}
+                "token_confidence": math.exp(lp) if lp is not None else None, "usage": resp.get("usage") or {},
+                "finish_reason": choices[chosen].get("finish_reason") or "stop"}
 
     @staticmethod
     async def _first(handle, body) -> dict[str, Any]:
@@ -391,8 +447,10 @@ class HybridRouter:
                 resp = await asyncio.wait_for(self._teacher_call(req, messages), self.cfg.teacher.timeout_s)
             finally:
                 req["model_seconds"] += time.perf_counter() - t0
-            text = resp["choices"][0]["message"].get("content") or ""
-            return self._reply(req, TEACHER, text, resp.get("usage") or {}, decision, student[1] if student else None, started)
+            choice = resp["choices"][0]
+            answer = {"text": choice["message"].get("content") or "", "usage": resp.get("usage") or {},
+                      "finish_reason": choice.get("finish_reason") or "stop"}
+            return self._reply(req, TEACHER, answer, decision, student[1] if student else None, started)
         except (asyncio.TimeoutError, HTTPError, OSError, RuntimeError) as e:
             why = f"the teacher did not answer within {self.cfg.teacher.timeout_s:g}s" if isinstance(e, asyncio.TimeoutError) \
                 else f"the teacher failed: {getattr(e, 'message', None) or e}"
@@ -405,7 +463,7 @@ class HybridRouter:
                     student = (s, signals)
                 fallback = Decision(STUDENT, "fallback:teacher_unavailable", decision.policy, decision.confidence,
                                     decision.threshold, {"escalation_reason": decision.reason, "error": why})
-                return self._reply(req, STUDENT, student[0]["text"], student[0]["usage"], fallback, student[1], started)
+                return self._reply(req, STUDENT, student[0], fallback, student[1], started)
             raise HTTPError(503, f"{why}; no fallback is configured", "server_error") from None
 
     async def _teacher_call(self, req, messages) -> dict[str, Any]:
@@ -413,29 +471,43 @@ class HybridRouter:
             from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
             body = ChatCompletionRequest(model=TEACHER_ID, messages=messages, max_tokens=req["max_tokens"],
-                                         temperature=req["temperature"], stream=False)
+                                         temperature=req["temperature"], stream=False, **req["sampling"])
             return await self._first(self.teacher, body)
-        return await endpoint_chat(self.teacher_endpoint, messages, req["max_tokens"], req["temperature"])
+        return await endpoint_chat(self.teacher_endpoint, messages,
+                                   {"max_tokens": req["max_tokens"], "temperature": req["temperature"], **req["sampling"]})
 
     async def _teacher_stream(self, req, messages, decision, started):
+        """The teacher's answer streamed as it is written; its usage (asked for always) goes into the
+        metadata, the metrics and, when the client asked for it, the usage chunk."""
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         body = ChatCompletionRequest(model=TEACHER_ID, messages=messages, max_tokens=req["max_tokens"],
-                                     temperature=req["temperature"], stream=True)
+                                     temperature=req["temperature"], stream=True,
+                                     stream_options={"include_usage": True}, **req["sampling"])
         gen = self.teacher.options(stream=True).chat.remote(body)
-        meta = self._meta(TEACHER, decision, None, {}, started)
 
         async def events():
+            usage: dict[str, Any] = {}
             async for out in gen:
                 for chunk in (out if isinstance(out, list) else [out]):
                     text = chunk if isinstance(chunk, str) else f"data: {json.dumps(chunk.model_dump())}\n\n"
-                    if text.strip() == "data: [DONE]":
-                        continue
-                    yield text.replace(f'"model": "{TEACHER_ID}"', f'"model": "{req["model"]}"')
+                    for line in text.splitlines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        data = json.loads(line[len("data: "):])
+                        if data.get("usage") and not data.get("choices"):
+                            usage = data["usage"]
+                            continue  # the usage chunk comes last, after the metadata
+                        data["model"] = req["model"]
+                        data.pop("usage", None)
+                        yield f"data: {json.dumps(data)}\n\n"
+            meta = self._meta(TEACHER, decision, None, usage, started)
+            self._record(TEACHER, decision, usage, started)
             yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"
+            if req["include_usage"]:
+                yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
-        self._record(TEACHER, decision, {}, started)
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # -- answers --
@@ -463,31 +535,34 @@ class HybridRouter:
             if usage.get(kind):
                 self.m_tokens.inc(usage[kind], tags={"model": model, "kind": kind})
 
-    def _reply(self, req, model: str, text: str, usage: dict, decision: Decision, signals: Signals | None, started: float):
+    def _reply(self, req, model: str, answer: dict[str, Any], decision: Decision, signals: Signals | None, started: float):
+        """The chosen answer ({text, usage, finish_reason}) as a chat completion, or streamed in pieces
+        with the metadata on the last chunk (and the usage after it when the client asked)."""
+        text, usage, finish = answer["text"], answer["usage"], answer.get("finish_reason") or "stop"
         meta = self._meta(model, decision, signals, usage, started, req["model_seconds"])
         self._record(model, decision, usage, started)
         if meta["estimated_cost_usd"]:
             self.m_cost.inc(meta["estimated_cost_usd"], tags={"model": model})
         logger.info(json.dumps({"event": "cotd.request", "model": req["model"], **{k: meta[k] for k in (
             "answered_by", "reason", "policy", "confidence", "threshold", "tokens", "estimated_cost_usd", "latency_ms")}}))
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": req["model"]}
         if req["stream"]:
             # the answer is chosen already: it streams now, in pieces, with the metadata last
+            def chunk(choices, **extra) -> str:
+                return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
+
             async def events():
                 for i in range(0, len(text), 16):
-                    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req["model"],
-                             "choices": [{"index": 0, "delta": ({"role": "assistant"} if i == 0 else {}) | {"content": text[i:i + 16]},
-                                          "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                end = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req["model"],
-                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "cotd": meta}
-                yield f"data: {json.dumps(end)}\n\n"
+                    delta = ({"role": "assistant"} if i == 0 else {}) | {"content": text[i:i + 16]}
+                    yield chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+                yield chunk([{"index": 0, "delta": {}, "finish_reason": finish}], cotd=meta)
+                if req["include_usage"]:
+                    yield chunk([], usage=usage)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": req["model"],
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        return JSONResponse({**head, "object": "chat.completion",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                              "usage": usage, "cotd": meta})
 
 
@@ -512,13 +587,13 @@ def prompt_token_bound(messages: list[dict[str, str]], overhead: tuple[int, int,
     return fixed + system + sum(len(m["content"].encode()) + per + 1 for m in rest)
 
 
-async def endpoint_chat(endpoint: dict[str, Any], messages, max_tokens: int, temperature: float) -> dict[str, Any]:
+async def endpoint_chat(endpoint: dict[str, Any], messages, sampling: dict[str, Any]) -> dict[str, Any]:
     """A chat completion from an OpenAI-compatible endpoint, with retries on connection errors,
     429 and 5xx (the router's own timeout bounds the whole call)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {endpoint['api_key']}"} if endpoint.get("api_key") else {}
-    payload = {"model": endpoint["model"], "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+    payload = {"model": endpoint["model"], "messages": messages, **sampling}
     last = "no attempt"
     async with httpx.AsyncClient(timeout=endpoint["timeout_s"]) as client:
         for attempt in range(endpoint["retries"] + 1):

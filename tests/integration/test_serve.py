@@ -70,21 +70,37 @@ def test_openai_client_gets_an_answer_with_routing_metadata(server):
     assert meta["answered_by"] == "student" and meta["reason"] == "confident" and meta["policy"] == "confidence"
     assert 0 < meta["confidence"] <= 1 and meta["threshold"] == 0.0 and meta["tokens"]["completion_tokens"] > 0
     assert isinstance(r.choices[0].message.content, str) and r.usage.completion_tokens == meta["tokens"]["completion_tokens"]
-    # the students's deployment and the teacher's, directly
-    assert client().chat.completions.create(model="cotd-teacher", messages=Q, max_tokens=8).model_extra["cotd"]["answered_by"] == "teacher"
+    # the students's deployment and the teacher's, directly; an answer cut by max_tokens says so
+    r = client().chat.completions.create(model="cotd-teacher", messages=Q, max_tokens=4)
+    assert r.model_extra["cotd"]["answered_by"] == "teacher" and r.choices[0].finish_reason == "length"
+    # content as text parts, a developer message and a stop sequence, as other SDKs send them
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": Q[0]["content"]}]}]
+    r = c.chat.completions.create(model="cotd-hybrid", messages=parts, max_tokens=4, stop=["\n\n\n"], top_p=0.9)
+    assert r.model_extra["cotd"]["answered_by"] == "student" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 4
 
 
 def test_streaming_delivers_the_chosen_answer_then_the_metadata(server):
-    chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=16, stream=True))
+    usage = {"include_usage": True}
+    chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=16, stream=True,
+                                                   stream_options=usage))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     meta = [ch.model_extra["cotd"] for ch in chunks if ch.model_extra.get("cotd")]
     assert text and len(meta) == 1 and meta[0]["answered_by"] == "student"
-    # a rule decides before the student is asked: the teacher's answer streams as it is written
+    assert chunks[-1].usage.completion_tokens == meta[0]["tokens"]["completion_tokens"] > 0 and not chunks[-1].choices
+    # a rule decides before the student is asked: the teacher's answer streams as it is written,
+    # and its tokens reach the metadata and the usage chunk once it is done
     chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=16, stream=True,
-                                                   extra_body={"cotd": {"high_stakes": True}}))
+                                                   stream_options=usage, extra_body={"cotd": {"high_stakes": True}}))
     meta = [ch.model_extra["cotd"] for ch in chunks if ch.model_extra.get("cotd")]
     assert meta[0]["answered_by"] == "teacher" and meta[0]["reason"] == "rule:high_stakes_flag"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[-1].usage.completion_tokens == meta[0]["tokens"]["completion_tokens"] > 0
+    assert {ch.model for ch in chunks if ch.choices} == {"cotd-hybrid"}
+    # without stream_options, no usage chunk
+    chunks = list(client().chat.completions.create(model="cotd-teacher", messages=Q, max_tokens=4, stream=True))
+    assert all(ch.usage is None for ch in chunks) and chunks[-1].model_extra.get("cotd")
 
 
 def test_bad_requests_get_4xx_with_a_message(server):
@@ -102,6 +118,9 @@ def test_bad_requests_get_4xx_with_a_message(server):
     assert r.status_code == 413
     r = httpx.post(url, json={"messages": Q, "cotd": {"policy": {"kind": "coin"}}}, timeout=30, headers=auth)
     assert r.status_code == 400 and "cotd.policy: kind: must be one of" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                   timeout=30, headers=auth)
+    assert r.status_code == 400 and "text parts only" in r.json()["error"]["message"]
 
 
 def ask(content=Q, **cotd):

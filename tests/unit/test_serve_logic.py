@@ -209,13 +209,24 @@ def test_serve_config_checks_its_keys():
 @pytest.mark.parametrize("body, status, message", [
     ([], 400, "must be a JSON object"),
     ({"messages": []}, 400, "non-empty list"),
-    ({"messages": [{"role": "user", "content": 3}]}, 400, r"messages\[0\] must be"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, r"messages\[0\] content must be a string or a list of text parts, got int"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "last message must be the user"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model 'gpt-9' is not served"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens must be an integer from 1 to 512"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n must be 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "cotd": "yes"}, 400, "'cotd' must be an object"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     r"messages\[0\].content\[0\] is a 'image_url' part"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}, {"role": "user", "content": "hi"}]}, 400,
+     "got role 'tool'"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "a"}]}, {"role": "user", "content": "hi"}]},
+     400, r"messages\[0\] holds tool calls"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "'tools' is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400, "response_format must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": "usage"}, 400, "stream_options must be"),
 ])
 def test_bad_requests_are_refused_with_a_clear_status(body, status, message):
     from serve.app import HTTPError, check_request
@@ -233,6 +244,23 @@ def test_a_good_request_is_read():
                         LimitsConfig(), {"cotd-hybrid"})
     assert (req["model"], req["max_tokens"], req["stream"], req["high_stakes"], req["question"]) == (
         "cotd-hybrid", 32, True, True, "2+2?")
+    assert (req["sampling"], req["include_usage"], req["temperature"]) == ({}, False, 0.0)
+
+
+def test_requests_as_other_openai_clients_write_them_are_read():
+    """Text parts, the developer role, explicit nulls for defaults, stop, top_p and the usage
+    chunk's option, as SDKs and frameworks other than the openai client send them."""
+    from serve.app import check_request
+
+    req = check_request({"model": None, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "2+2?"}, {"type": "text", "text": "Answer only."}]}],
+        "max_tokens": None, "max_completion_tokens": 20, "temperature": None, "n": None, "top_p": 0.9, "stop": "###",
+        "tools": [], "response_format": {"type": "text"}, "stream": True, "stream_options": {"include_usage": True},
+        "seed": 3, "user": "u1", "cotd": None}, LimitsConfig(), {"cotd-hybrid"})
+    assert req["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?\nAnswer only."}]
+    assert (req["model"], req["max_tokens"], req["temperature"], req["question"]) == ("cotd-hybrid", 20, 0.0, "2+2?\nAnswer only.")
+    assert req["sampling"] == {"top_p": 0.9, "stop": ["###"]} and req["include_usage"] and req["stream"]
 
 
 def test_the_student_is_prompted_as_it_was_trained():
@@ -289,8 +317,8 @@ def test_a_teacher_endpoint_is_retried_then_given_up_on():
             pass
 
         def do_POST(self):
-            calls.append(self.path)
             body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append(body)
             if body["model"] == "hang":
                 time.sleep(5)
             code, reply = (503, {"error": "busy"}) if len(calls) == 1 else (
@@ -306,14 +334,15 @@ def test_a_teacher_endpoint_is_retried_then_given_up_on():
     base = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     try:
         ep = {"base_url": base, "model": "big", "api_key": None, "timeout_s": 2, "retries": 2}
-        out = asyncio.run(endpoint_chat(ep, [{"role": "user", "content": "2+2"}], 4, 0.0))
+        out = asyncio.run(endpoint_chat(ep, [{"role": "user", "content": "2+2"}], {"max_tokens": 4, "stop": ["\n\n"]}))
         assert out["choices"][0]["message"]["content"] == "4" and len(calls) == 2  # the 503 was retried
+        assert (calls[-1]["model"], calls[-1]["max_tokens"], calls[-1]["stop"]) == ("big", 4, ["\n\n"])
         t0 = time.time()
         with pytest.raises(HTTPError, match="the teacher endpoint failed: ReadTimeout"):
-            asyncio.run(endpoint_chat({**ep, "model": "hang", "retries": 0}, [{"role": "user", "content": "x"}], 4, 0.0))
+            asyncio.run(endpoint_chat({**ep, "model": "hang", "retries": 0}, [{"role": "user", "content": "x"}], {"max_tokens": 4}))
         assert time.time() - t0 < 5
         with pytest.raises(HTTPError, match="the teacher endpoint failed: ConnectError"):
-            asyncio.run(endpoint_chat({**ep, "base_url": "http://127.0.0.1:9/v1", "retries": 1}, [{"role": "user", "content": "x"}], 4, 0.0))
+            asyncio.run(endpoint_chat({**ep, "base_url": "http://127.0.0.1:9/v1", "retries": 1}, [{"role": "user", "content": "x"}], {"max_tokens": 4}))
     finally:
         srv.shutdown()
 
