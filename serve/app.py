@@ -31,6 +31,12 @@ from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_dec
 
 logger = logging.getLogger("cotd.serve")
 HYBRID, STUDENT_ID, TEACHER_ID = "cotd-hybrid", "cotd-student", "cotd-teacher"
+
+
+def deployment_prefix(role: str) -> str:
+    """The prefix of a model deployment's name in Serve (`student:cotd-student`), by which
+    serve.main.deploy_error also finds which deployment failed."""
+    return f"{role}:"
 fastapi_app = FastAPI(title="cotd hybrid router")
 
 
@@ -316,7 +322,7 @@ class HybridRouter:
             except json.JSONDecodeError as e:
                 raise HTTPError(400, f"the request body is not valid JSON: {e.msg} at character {e.pos}") from None
             req = check_request(body, self.cfg.limits, {HYBRID, STUDENT_ID, TEACHER_ID})
-            req["policy"], req["fallback"], req["threshold"] = self._overrides(req.pop("overrides"))
+            req["policy"], req["fallback"], req["threshold"], req["warnings"] = self._overrides(req.pop("overrides"))
             req["student_messages"] = messages_for(req["messages"], self.student_prompt)
             req["model_seconds"] = 0.0
             limit = self.cfg.limits.max_prompt_tokens
@@ -336,10 +342,10 @@ class HybridRouter:
                                                       return_dict=False))
 
     def _overrides(self, overrides: dict[str, Any]):
-        """The request's policy, fallback and threshold: the config's, or the request's own where
-        `allow_request_overrides` lets it choose (400 otherwise, or when they do not check)."""
+        """The request's policy, fallback, threshold and warnings: the config's, or the request's own
+        where `allow_request_overrides` lets it choose (400 otherwise, or when they do not check)."""
         if not overrides:
-            return self.cfg.policy, self.cfg.fallback, self.threshold
+            return self.cfg.policy, self.cfg.fallback, self.threshold, []
         if not self.cfg.allow_request_overrides:
             raise HTTPError(400, "this server does not let requests choose their policy or fallback "
                                  "(allow_request_overrides is off)")
@@ -356,7 +362,7 @@ class HybridRouter:
             raise HTTPError(400, f"cotd.fallback must be student or error, got {fallback!r}")
         threshold = policy.threshold if policy.threshold is not None else (
             ((self.calibration or {}).get("thresholds", {}).get(policy.signal) or {}).get("threshold"))
-        return policy, fallback, threshold
+        return policy, fallback, threshold, [w for w in (samples_warning(policy, self.calibration),) if w]
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -399,6 +405,8 @@ class HybridRouter:
         """The student's answer(s): one request with n=k (sampled when k > 1), log-probabilities on."""
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
+        from jobs.evaluate.metrics import agreement
+
         temperature = req["temperature"] if k == 1 else max(req["temperature"], 0.7)
         body = ChatCompletionRequest(model=STUDENT_ID, messages=req["student_messages"],
                                      max_tokens=req["max_tokens"], temperature=temperature, n=k, logprobs=True,
@@ -413,10 +421,9 @@ class HybridRouter:
         choices = resp["choices"]
         texts = [c["message"].get("content") or "" for c in choices]
         answers, groups, chosen = answer_groups(texts, self.student_prompt["format"])
-        top = groups[chosen]
         lp = mean_logprob(choices[chosen])
         return {"text": texts[chosen], "answers": [answers[chosen]] + [a for i, a in enumerate(answers) if i != chosen],
-                "agreement": groups.count(top) / len(groups) if k > 1 else None,
+                "agreement": agreement(groups) if k > 1 else None,
                 "token_confidence": math.exp(lp) if lp is not None else None, "usage": resp.get("usage") or {},
                 "finish_reason": choices[chosen].get("finish_reason") or "stop"}
 
@@ -501,7 +508,7 @@ class HybridRouter:
                         data["model"] = req["model"]
                         data.pop("usage", None)
                         yield f"data: {json.dumps(data)}\n\n"
-            meta = self._meta(TEACHER, decision, None, usage, started)
+            meta = self._meta(TEACHER, decision, None, usage, started, warnings=req["warnings"])
             self._record(TEACHER, decision, usage, started)
             yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"
             if req["include_usage"]:
@@ -512,9 +519,10 @@ class HybridRouter:
 
     # -- answers --
     def _meta(self, model: str, decision: Decision, signals: Signals | None, usage: dict, started: float,
-              model_seconds: float | None = None) -> dict[str, Any]:
+              model_seconds: float | None = None, warnings: list[str] = ()) -> dict[str, Any]:
         """The response's `cotd` field. `router_ms`: the time spent in the router itself (the latency
-        less the time waiting for models), where the models' answers are complete."""
+        less the time waiting for models), where the models' answers are complete; `warnings`: what
+        the request chose that its calibration does not back."""
         prices = self.cfg.prices.get(model) or {}
         elapsed = time.perf_counter() - started
         cost = ((usage.get("prompt_tokens") or 0) * prices.get("input", 0.0)
@@ -526,7 +534,8 @@ class HybridRouter:
                                                          "answers": list(signals.answers)},
                 "details": decision.details, "tokens": usage, "estimated_cost_usd": cost,
                 "latency_ms": round(1000 * elapsed, 1),
-                "router_ms": None if model_seconds is None else round(1000 * (elapsed - model_seconds), 2)}
+                "router_ms": None if model_seconds is None else round(1000 * (elapsed - model_seconds), 2),
+                "warnings": list(warnings)}
 
     def _record(self, model: str, decision: Decision, usage: dict, started: float) -> None:
         self.m_requests.inc(tags={"model": model, "route": decision.policy})
@@ -539,7 +548,7 @@ class HybridRouter:
         """The chosen answer ({text, usage, finish_reason}) as a chat completion, or streamed in pieces
         with the metadata on the last chunk (and the usage after it when the client asked)."""
         text, usage, finish = answer["text"], answer["usage"], answer.get("finish_reason") or "stop"
-        meta = self._meta(model, decision, signals, usage, started, req["model_seconds"])
+        meta = self._meta(model, decision, signals, usage, started, req["model_seconds"], req["warnings"])
         self._record(model, decision, usage, started)
         if meta["estimated_cost_usd"]:
             self.m_cost.inc(meta["estimated_cost_usd"], tags={"model": model})
@@ -612,6 +621,16 @@ async def endpoint_chat(endpoint: dict[str, Any], messages, sampling: dict[str, 
 
 # --- building the application ----------------------------------------------------------------------
 
+def samples_warning(policy, calibration: dict[str, Any] | None) -> str | None:
+    """What is wrong when a policy that votes asks for another k than its calibration was fitted on
+    (agreement moves in steps of 1/k): said at start for the config, in the metadata for a request."""
+    k = (calibration or {}).get("samples")
+    if not k or k == policy.samples or not votes(policy.kind, policy.signal, calibration.get("learned")):
+        return None
+    return (f"policy.samples={policy.samples} but the router was calibrated on {k} samples per query: agreement moves "
+            f"in steps of 1/k, so its threshold escalates another share of queries; set policy.samples={k}")
+
+
 def build_app(cfg: ServeConfig, log=lambda *_: None):
     """The Serve application: the router bound to the student's (and the teacher's) deployment."""
     from ray import serve
@@ -622,23 +641,20 @@ def build_app(cfg: ServeConfig, log=lambda *_: None):
     student = resolve_spec(cfg.student, log)
     teacher = resolve_spec(cfg.teacher, log)
     calibration = read_json(cfg.policy.calibration) if cfg.policy.calibration else None
-    calibrated_k = (calibration or {}).get("samples")
-    if calibrated_k and calibrated_k != cfg.policy.samples and votes(cfg.policy.kind, cfg.policy.signal, calibration.get("learned")):
-        log(f"warning: policy.samples={cfg.policy.samples} but {cfg.policy.calibration} was calibrated on "
-            f"{calibrated_k} samples per query: agreement moves in steps of 1/k, so its threshold escalates another "
-            f"share of queries; set policy.samples={calibrated_k}")
+    if warning := samples_warning(cfg.policy, calibration):
+        log(f"warning: {warning} ({cfg.policy.calibration})")
     from jobs.common.config import to_dict
 
     router_cfg = {"serve": to_dict(cfg), "student_prompt": student["prompt"], "teacher_prompt": teacher["prompt"],
                   "student_path": student["path"], "calibration": calibration}
-    student_app = build_llm_deployment(llm_config(cfg.student, STUDENT_ID, student["path"]), name_prefix="student:")
+    student_app = build_llm_deployment(llm_config(cfg.student, STUDENT_ID, student["path"]), name_prefix=deployment_prefix("student"))
     teacher_app = None
     if cfg.teacher.base_url:
         router_cfg["teacher_endpoint"] = {"base_url": cfg.teacher.base_url, "model": teacher["served_model"],
                                           "api_key": os.environ.get(cfg.teacher.api_key_env),
                                           "timeout_s": cfg.teacher.timeout_s, "retries": cfg.teacher.retries}
     else:
-        teacher_app = build_llm_deployment(llm_config(cfg.teacher, TEACHER_ID, teacher["path"]), name_prefix="teacher:")
+        teacher_app = build_llm_deployment(llm_config(cfg.teacher, TEACHER_ID, teacher["path"]), name_prefix=deployment_prefix("teacher"))
     s = cfg.router_scaling
     actor: dict[str, Any] = {"num_cpus": s.cpus}
     if cfg.api_key_env:

@@ -40,6 +40,11 @@ def samples_of(matched: list[tuple[dict, dict]]) -> int:
     return min((int(s.get("samples") or 0) for s, _ in matched), default=0)
 
 
+def learned_votes(k: int) -> bool:
+    """Whether a learned router fitted on items with k samples per problem serves their vote."""
+    return votes("learned", "agreement", {"samples": k})
+
+
 def served(matched: list[tuple[dict, dict]], voted: bool) -> np.ndarray:
     """Whether the student's answer a router serves is right on each pair (the vote, or the greedy answer)."""
     return np.array([served_right(s, voted) for s, _ in matched], dtype=bool)
@@ -94,6 +99,11 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
                            "thresholds": {}, "learned": None}
     k = samples_of(matched)
     out["samples"] = k
+    ks = sorted({int(s.get("samples") or 0) for s, _ in matched})
+    out["warnings"] = [] if len(ks) == 1 else [
+        f"the student's items have {' or '.join(map(str, ks))} sampled answers per problem (evaluations pooled?): "
+        f"calibrated as k={k}" + (", so neither the agreement threshold nor the learned router's vote is fitted"
+                                 if k == 0 else ", the agreement of the others read on that scale")]
     sigs = [signals_of(s) for s, _ in matched]
     for signal in SIGNALS:
         conf = [signal_value(s, signal) for s in sigs]
@@ -104,7 +114,7 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
         if t is not None:
             out["thresholds"][signal] = t
     # the learned router reads agreement where the items have samples, and then serves their vote
-    right = served(matched, k > 0)
+    right = served(matched, learned_votes(k))
     categories = sorted({s.category for s in sigs if s.category})
     x = feature_matrix(sigs, categories)
     weights = fit_logistic(x, right.astype(float))
@@ -154,7 +164,7 @@ def crossfit_learned(matched: list[tuple[dict, dict]], folds: int = 5) -> np.nda
     leaves nothing to fit on."""
     k = samples_of(matched)
     sigs = [signals_of(s) for s, _ in matched]
-    right = served(matched, k > 0).astype(float)
+    right = served(matched, learned_votes(k)).astype(float)
     x = feature_matrix(sigs, sorted({s.category for s in sigs if s.category}))
     which = np.array([fold_of(p, folds) for p in matched])
     out = np.zeros(len(matched))
@@ -236,7 +246,7 @@ def cost_quality(items: list[dict[str, Any]], target_share: float = 0.95, studen
             scores[signal] = (conf, votes("confidence", signal))
     learned = crossfit_learned(matched) if matched else None
     if learned is not None:
-        scores["learned"] = (learned, k > 0)
+        scores["learned"] = (learned, learned_votes(k))
     curves = {}
     for name, (conf, voted) in scores.items():
         right = served(matched, voted)

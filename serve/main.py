@@ -56,11 +56,11 @@ def deploy_error(error: RuntimeError, cfg: ServeConfig, log) -> Exception:
     retries the replica, then names the deployment; vLLM's reason is in the log above). Any other
     failure is returned as it is."""
     from jobs.common.engine import ModelConfig, engine_dtype, engine_start_error
-    from serve.app import resolve_spec
+    from serve.app import deployment_prefix, resolve_spec
 
     for role in ("student", "teacher"):
         spec = getattr(cfg, role)
-        if spec.base_url is None and spec.scaling.gpus == 0 and f"'{role}:" in str(error):
+        if spec.base_url is None and spec.scaling.gpus == 0 and f"'{deployment_prefix(role)}" in str(error):
             path = resolve_spec(spec, log)["path"]
             dtype = engine_dtype(ModelConfig(model=path, dtype=spec.dtype))
             return engine_start_error(f"serve: the {role}'s deployment", f"{role}.gpu_memory_utilization",
@@ -107,6 +107,8 @@ def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budg
     write_json(out, cal)
     log(f"calibrated on {cal['n']} held-out problems: student {cal['student_accuracy']:.1%}, teacher "
         f"{cal['teacher_accuracy']:.1%}")
+    for warning in cal["warnings"]:
+        log(f"warning: {warning}")
     vote = f" (the student answers with the vote of {cal['samples']} samples: set policy.samples={cal['samples']})"
     for signal, t in cal["thresholds"].items():
         log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}"

@@ -139,6 +139,10 @@ def test_each_policy_and_rule_routes_as_configured(server):
     meta = ask(policy={"kind": "learned", "samples": 3})
     assert (meta["answered_by"], meta["policy"], meta["reason"]) == ("student", "learned", "predicted_right")
     assert len(meta["signals"]["answers"]) == 3 and meta["signals"]["agreement"] is not None
+    assert meta["warnings"] == []
+    # a request asking for another k than the calibration's is answered, and told so
+    meta = ask(policy={"kind": "learned", "samples": 2})
+    assert len(meta["signals"]["answers"]) == 2 and "calibrated on 3 samples" in meta["warnings"][0]
     meta = ask([{"role": "user", "content": "Check this contract."}], policy={"rules": {"keywords": ["contract"]}})
     assert meta["reason"] == "rule:keyword" and meta["answered_by"] == "teacher"
     assert ask(category="legal", policy={"rules": {"teacher_categories": ["legal"]}})["reason"] == "rule:category"

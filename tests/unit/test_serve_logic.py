@@ -129,6 +129,10 @@ def test_policies_that_read_agreement_are_graded_on_the_vote_they_serve():
     assert (cal["thresholds"]["agreement"]["rate"], cal["thresholds"]["agreement"]["accuracy"]) == (0.5, 1.0)
     assert votes("confidence", "agreement") and not votes("confidence", "logprob")
     assert votes("learned", "logprob", cal["learned"]) and not votes("learned", "logprob", {"samples": 0})
+    from serve.app import samples_warning
+    assert samples_warning(PolicyConfig(signal="agreement", samples=4), cal) is None
+    assert "calibrated on 4 samples per query" in samples_warning(PolicyConfig(signal="agreement", samples=8), cal)
+    assert samples_warning(PolicyConfig(signal="logprob", samples=8), cal) is None  # one greedy answer: k unused
     cq = cost_quality(voting(80), target_share=0.95)
     assert cq["policies"]["always_student"]["accuracy"] == 0.0
     assert cq["policies"]["always_student_vote"]["accuracy"] == 0.5
@@ -145,6 +149,15 @@ def test_policies_that_read_agreement_are_graded_on_the_vote_they_serve():
                else i for i in voting(80)]
     again = crossfit_learned(pairs(flipped))
     assert again[0] == pytest.approx(base[0]) and not (again == pytest.approx(base))
+
+    # items of two evaluations pooled, one without samples: nothing is fitted to vote, and it is said
+    assert cal["warnings"] == []
+    mixed = [dict(i, samples=0, agreement=None) if i["target"] == "student" and i["problem_id"] == "p1" else i
+             for i in voting()]
+    cal = calibrate(mixed, target_share=0.95)
+    assert cal["samples"] == 0 and "agreement" not in cal["thresholds"] and not votes("learned", "", cal["learned"])
+    assert cal["warnings"] == ["the student's items have 0 or 4 sampled answers per problem (evaluations pooled?): "
+                               "calibrated as k=0, so neither the agreement threshold nor the learned router's vote is fitted"]
 
 
 def test_a_router_beats_the_teacher_where_the_two_are_right_on_different_problems(tmp_path):
