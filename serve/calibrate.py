@@ -76,26 +76,30 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
     return w
 
 
-def _target(floor_share: float | None, budget: float | None, teacher_acc: float) -> dict[str, float | None]:
-    return {"floor": None if floor_share is None else floor_share * teacher_acc, "budget": budget}
+def _target(floor_share: float | None, budget: float | None, teacher_acc: float,
+            accuracy: float | None = None) -> dict[str, float | None]:
+    floor = accuracy if accuracy is not None else None if floor_share is None else floor_share * teacher_acc
+    return {"floor": floor, "budget": budget}
 
 
 def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, budget: float | None = None,
-              student: str = "student", teacher: str = "teacher") -> dict[str, Any]:
+              student: str = "student", teacher: str = "teacher", accuracy: float | None = None) -> dict[str, Any]:
     """Thresholds for each confidence signal and the learned router, calibrated on `items`, plus
     the statistics drift is measured against. `target_share`: the router must reach this share of
-    the teacher's accuracy with as few escalations as it can; `budget`: the best accuracy within
-    this share of escalated queries (one of the two)."""
-    if (target_share is None) == (budget is None):
-        raise ValueError("calibrate to exactly one target: target_share or budget")
+    the teacher's accuracy with as few escalations as it can; `accuracy`: the same for an absolute
+    accuracy floor; `budget`: the best accuracy within this share of escalated queries (one of the
+    three). A signal whose curve never reaches the floor gets no threshold."""
+    if sum(t is not None for t in (target_share, budget, accuracy)) != 1:
+        raise ValueError("calibrate to exactly one target: target_share, accuracy or budget")
     matched = pairs(items, student, teacher)
     if not matched:
         raise ValueError(f"no held-out problem was answered by both {student!r} and {teacher!r}")
     sc = np.array([bool(s["correct"]) for s, _ in matched])
     tc = np.array([bool(t["correct"]) for _, t in matched])
-    target = _target(target_share, budget, float(tc.mean()))
+    target = _target(target_share, budget, float(tc.mean()), accuracy)
     out: dict[str, Any] = {"n": len(matched), "student_accuracy": float(sc.mean()), "teacher_accuracy": float(tc.mean()),
-                           "target": {"share": target_share, "budget": budget, "floor": target["floor"]},
+                           "target": {"share": target_share, "accuracy": accuracy, "budget": budget,
+                                      "floor": target["floor"]},
                            "thresholds": {}, "learned": None}
     k = samples_of(matched)
     out["samples"] = k

@@ -89,7 +89,8 @@ def main(cfg: ServeConfig, log=emit) -> dict[str, Any]:
 
 
 def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budget: float | None = None,
-                    student: str = "student", teacher: str = "teacher", log=emit) -> dict[str, Any]:
+                    student: str = "student", teacher: str = "teacher", log=emit,
+                    accuracy: float | None = None) -> dict[str, Any]:
     """Fit the router on an evaluation's items (thresholds per signal, the learned router, the
     cost-quality points) and write router.json; returns it. `cotd serve calibrate` and `cotd run`."""
     from jobs.common.errors import DataError
@@ -100,7 +101,7 @@ def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budg
     check_dataset(items_dir, ITEM_SCHEMA.names, "--items", "cotd eval")
     items = read_dataset(items_dir).to_pylist()
     try:
-        cal = calibrate(items, share, budget, student, teacher)
+        cal = calibrate(items, share, budget, student, teacher, accuracy)
     except ValueError as e:
         raise DataError(f"--items {items_dir}: {e}") from None
     cal["cost_quality"] = cost_quality(items, share or 0.95, student, teacher)
@@ -109,6 +110,11 @@ def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budg
         f"{cal['teacher_accuracy']:.1%}")
     for warning in cal["warnings"]:
         log(f"warning: {warning}")
+    if cal["target"]["floor"] is not None:
+        missed = [s for s in ("agreement", "logprob") if s not in cal["thresholds"]] + ([] if cal["learned"] else ["learned"])
+        if missed:
+            log(f"  no threshold reaches accuracy {cal['target']['floor']:.1%} for {', '.join(missed)}"
+                " (the teacher's answers and the student's together do not get there): not calibrated")
     vote = f" (the student answers with the vote of {cal['samples']} samples: set policy.samples={cal['samples']})"
     for signal, t in cal["thresholds"].items():
         log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}"
@@ -131,16 +137,20 @@ def calibrate_main(argv: list[str], log=emit) -> int:
     group.add_argument("--target-share", type=float,
                        help="reach this share of the teacher's accuracy (default 0.95; above 1 where the student "
                             "is right on problems the teacher is not, and the router can beat the teacher)")
+    group.add_argument("--accuracy", type=float, help="reach this accuracy (an absolute floor, 0-1)")
     group.add_argument("--budget", type=float, help="escalate at most this share of queries")
     ap.add_argument("--student", default="student")
     ap.add_argument("--teacher", default="teacher")
     args = ap.parse_args(argv)
-    share = args.target_share if args.target_share is not None or args.budget is not None else 0.95
+    chosen = args.budget is not None or args.accuracy is not None
+    share = args.target_share if args.target_share is not None or chosen else 0.95
     if share is not None and not 0 < share:
         raise DataError(f"--target-share must be above 0, got {share}")
     if args.budget is not None and not 0 < args.budget <= 1:
         raise DataError(f"--budget must be in (0, 1], got {args.budget}")
-    calibrate_items(Path(args.items), Path(args.out), share if args.budget is None else None, args.budget,
-                    args.student, args.teacher, log=log)
+    if args.accuracy is not None and not 0 < args.accuracy <= 1:
+        raise DataError(f"--accuracy must be in (0, 1], got {args.accuracy}")
+    calibrate_items(Path(args.items), Path(args.out), share, args.budget, args.student, args.teacher, log=log,
+                    accuracy=args.accuracy)
     log(f"router: {args.out}")
     return 0

@@ -70,6 +70,10 @@ def test_calibration_reaches_a_stated_share_of_the_teacher_with_the_fewest_escal
     assert set(cal["by_category"]) == {"math", "logic"}
     budget = calibrate(items(), target_share=None, budget=0.25)
     assert budget["thresholds"]["logprob"]["rate"] <= 0.25
+    # an absolute floor: 18 escalated (the teacher right on 16 of them) + the 20 the student gets right
+    floor = calibrate(items(), target_share=None, accuracy=0.9)["thresholds"]["logprob"]
+    assert (floor["rate"], floor["accuracy"]) == (0.45, 0.9)
+    assert calibrate(items(), target_share=None, accuracy=0.99)["thresholds"] == {}
     with pytest.raises(ValueError, match="exactly one target"):
         calibrate(items(), target_share=0.9, budget=0.2)
     with pytest.raises(ValueError, match="no held-out problem was answered by both"):
@@ -100,6 +104,18 @@ def complementary(n=80):
                         "category": "math", "question": f"question {i}", "correct": right, "mean_logprob": lp,
                         "agreement": conf, "samples": 4, "majority_correct": right})
     return out
+
+
+def write_items(path, rows) -> None:
+    """Crafted items as `cotd eval` writes them (items/), for the calibration command."""
+    import pyarrow as pa
+
+    from jobs.common.runs import PartWriter
+    from jobs.common.schemas import ITEM_SCHEMA
+
+    rows = [{k: r.get(k) for k in ITEM_SCHEMA.names} | {"role": r["target"], "difficulty": "default", "gold_answer": "1"}
+            for r in rows]
+    PartWriter(path, ITEM_SCHEMA).write(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA))
 
 
 def voting(n=40):
@@ -165,11 +181,7 @@ def test_a_router_beats_the_teacher_where_the_two_are_right_on_different_problem
     teacher's lead, is no summary here and says so; the best point is."""
     import json
 
-    import pyarrow as pa
-
     from jobs.common.errors import DataError
-    from jobs.common.runs import PartWriter
-    from jobs.common.schemas import ITEM_SCHEMA
     from serve.main import calibrate_main
 
     cq = cost_quality(complementary(), target_share=1.5)
@@ -182,9 +194,7 @@ def test_a_router_beats_the_teacher_where_the_two_are_right_on_different_problem
     # the informative signal of items(): a teacher well ahead, APGR is a summary
     assert cost_quality(items(80))["curves"]["logprob"]["apgr_reliable"] is True
 
-    rows = [{k: r.get(k) for k in ITEM_SCHEMA.names} | {"role": r["target"], "difficulty": "default", "gold_answer": "1"}
-            for r in complementary()]
-    PartWriter(tmp_path / "items", ITEM_SCHEMA).write(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA))
+    write_items(tmp_path / "items", complementary())
     out = tmp_path / "router.json"
     assert calibrate_main(["--items", str(tmp_path / "items"), "--out", str(out), "--target-share", "1.5"],
                           log=lambda *_: None) == 0
@@ -195,7 +205,19 @@ def test_a_router_beats_the_teacher_where_the_two_are_right_on_different_problem
             calibrate_main(["--items", str(tmp_path / "items"), "--out", str(tmp_path / "x.json"), "--target-share", bad])
     with pytest.raises(DataError, match=r"--budget must be in \(0, 1\]"):
         calibrate_main(["--items", str(tmp_path / "items"), "--out", str(tmp_path / "x.json"), "--budget", "1.5"])
+    with pytest.raises(DataError, match=r"--accuracy must be in \(0, 1\]"):
+        calibrate_main(["--items", str(tmp_path / "items"), "--out", str(tmp_path / "x.json"), "--accuracy", "80"])
     assert not (tmp_path / "x.json").exists()
+    # an absolute accuracy floor: reached with the fewest escalations, or said to be out of reach
+    lines = []
+    assert calibrate_main(["--items", str(tmp_path / "items"), "--out", str(out), "--accuracy", "0.9"], log=lines.append) == 0
+    saved = json.loads(out.read_text())
+    assert saved["target"] == {"share": None, "accuracy": 0.9, "budget": None, "floor": 0.9}
+    assert saved["thresholds"]["agreement"]["accuracy"] == 1.0 and not any("no threshold" in x for x in lines)
+    write_items(tmp_path / "items2", items())
+    assert calibrate_main(["--items", str(tmp_path / "items2"), "--out", str(out), "--accuracy", "0.99"], log=lines.append) == 0
+    assert json.loads(out.read_text())["thresholds"] == {}
+    assert any("no threshold reaches accuracy 99.0% for agreement, logprob, learned" in line for line in lines)
 
 
 def test_logistic_fit_separates_a_separable_signal():
