@@ -434,9 +434,8 @@ class HybridRouter:
             data = out.model_dump() if hasattr(out, "model_dump") else out
             if isinstance(data, list):
                 data = data[0]
-            if isinstance(data, dict) and "error" in data and not data.get("choices"):
-                err = data["error"]
-                raise HTTPError(int(err.get("code") or 500), f"model error: {err.get('message')}", "server_error")
+            if error := model_error(data):
+                raise error
             return data
         raise HTTPError(502, "the model returned nothing", "server_error")
 
@@ -485,29 +484,59 @@ class HybridRouter:
 
     async def _teacher_stream(self, req, messages, decision, started):
         """The teacher's answer streamed as it is written; its usage (asked for always) goes into the
-        metadata, the metrics and, when the client asked for it, the usage chunk."""
+        metadata, the metrics and, when the client asked for it, the usage chunk. The first chunk is
+        awaited here, within the teacher's timeout, so that a teacher that is down or fails gets the
+        fallback; a teacher that stalls later ends the stream with an error event, never a hang."""
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         body = ChatCompletionRequest(model=TEACHER_ID, messages=messages, max_tokens=req["max_tokens"],
                                      temperature=req["temperature"], stream=True,
                                      stream_options={"include_usage": True}, **req["sampling"])
         gen = self.teacher.options(stream=True).chat.remote(body)
+        timeout = self.cfg.teacher.timeout_s
+
+        async def following() -> list[dict[str, Any]]:
+            try:
+                return stream_events(await asyncio.wait_for(gen.__anext__(), timeout))
+            except (asyncio.TimeoutError, HTTPError, StopAsyncIteration):
+                raise
+            except Exception as e:  # the replica died, the handle failed: what the fallback is for
+                raise HTTPError(502, f"{type(e).__name__}: {e}", "server_error") from None
+
+        try:
+            first = await following()
+            if first and (error := model_error(first[0])):
+                raise error
+        except StopAsyncIteration:
+            raise HTTPError(502, "the model returned nothing", "server_error") from None
+        except BaseException:
+            gen.cancel()
+            raise
 
         async def events():
             usage: dict[str, Any] = {}
-            async for out in gen:
-                for chunk in (out if isinstance(out, list) else [out]):
-                    text = chunk if isinstance(chunk, str) else f"data: {json.dumps(chunk.model_dump())}\n\n"
-                    for line in text.splitlines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        data = json.loads(line[len("data: "):])
-                        if data.get("usage") and not data.get("choices"):
-                            usage = data["usage"]
-                            continue  # the usage chunk comes last, after the metadata
-                        data["model"] = req["model"]
-                        data.pop("usage", None)
-                        yield f"data: {json.dumps(data)}\n\n"
+            batch = first
+            while True:
+                for data in batch:
+                    if data.get("usage") and not data.get("choices"):
+                        usage = data["usage"]
+                        continue  # the usage chunk comes last, after the metadata
+                    data["model"] = req["model"]
+                    data.pop("usage", None)
+                    yield f"data: {json.dumps(data)}\n\n"
+                try:
+                    batch = await following()
+                except StopAsyncIteration:
+                    break
+                except (asyncio.TimeoutError, HTTPError) as e:
+                    gen.cancel()
+                    why = f"the teacher stopped answering for {timeout:g}s" if isinstance(e, asyncio.TimeoutError) \
+                        else f"the teacher failed mid-answer: {e.message}"
+                    logger.warning("cotd teacher stream ended: %s", why)
+                    self.m_errors.inc(tags={"status": "504"})
+                    yield f"data: {json.dumps({'error': {'message': why, 'type': 'server_error', 'code': 504}})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
             meta = self._meta(TEACHER, decision, None, usage, started, warnings=req["warnings"])
             self._record(TEACHER, decision, usage, started)
             yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"
@@ -573,6 +602,24 @@ class HybridRouter:
         return JSONResponse({**head, "object": "chat.completion",
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                              "usage": usage, "cotd": meta})
+
+
+def model_error(data: Any) -> HTTPError | None:
+    """The error an LLMServer answered with instead of a completion, as an HTTPError; else None."""
+    if isinstance(data, dict) and "error" in data and not data.get("choices"):
+        err = data["error"] if isinstance(data["error"], dict) else {"message": data["error"]}
+        return HTTPError(int(err.get("code") or 500), f"model error: {err.get('message')}", "server_error")
+    return None
+
+
+def stream_events(out: Any) -> list[dict[str, Any]]:
+    """The JSON events in one item of an LLMServer's stream (SSE text, a response model, or a list)."""
+    events = []
+    for chunk in (out if isinstance(out, list) else [out]):
+        text = chunk if isinstance(chunk, str) else f"data: {json.dumps(chunk.model_dump())}\n\n"
+        events += [json.loads(line[len("data: "):]) for line in text.splitlines()
+                   if line.startswith("data: ") and line != "data: [DONE]"]
+    return events
 
 
 def template_overhead(count, head: dict[str, str]) -> tuple[int, int, int]:

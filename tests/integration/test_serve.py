@@ -158,14 +158,23 @@ def test_api_key_is_enforced(server):
 
 
 def test_teacher_down_falls_back_within_the_timeout(server):
-    """Last: the teacher's replica is killed; until Serve brings it back, an escalated query gets
-    the student's answer, marked, within the teacher's timeout, or a 503 with fallback error."""
+    """Last: the teacher's replica is killed; until Serve brings it back, an escalated query, streamed
+    or not, gets the student's answer, marked, within the teacher's timeout, or a 503 with fallback
+    error."""
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith("SERVE_REPLICA") and "teacher" in a["name"]]
     assert names, "no teacher replica to kill"
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+    # streamed: a rule sends it to the teacher before the student is asked, and the fallback still holds
+    t0 = time.time()
+    chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=8, stream=True,
+                                                   extra_body={"cotd": {"high_stakes": True}}))
+    assert time.time() - t0 < 30
+    meta = [ch.model_extra["cotd"] for ch in chunks if ch.model_extra.get("cotd")][0]
+    assert (meta["answered_by"], meta["reason"]) == ("student", "fallback:teacher_unavailable")
+    assert meta["details"]["escalation_reason"] == "rule:high_stakes_flag"
     t0 = time.time()
     meta = ask(policy={"kind": "always_teacher"})
     assert time.time() - t0 < 30  # never a hang
