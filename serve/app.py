@@ -13,6 +13,7 @@ the distilled student and escalates to the teacher when the routing policy says 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -80,17 +81,29 @@ def messages_for(messages: list[dict[str, str]], prompt: dict[str, Any]) -> list
     return [head, *rest]
 
 
+def engine_config(spec: ModelSpec, path: str):
+    """The engine settings of a deployed model (jobs.common.engine.ModelConfig), with
+    `gpu_memory_utilization: auto` sized from the model; and how the share was chosen."""
+    from jobs.common.engine import ModelConfig, auto_memory_share, engine_dtype
+
+    mc = ModelConfig(model=path, use_gpu=spec.scaling.gpus > 0, dtype=spec.dtype, max_model_len=spec.max_model_len,
+                     engine_kwargs=dict(spec.engine_kwargs))
+    if spec.gpu_memory_utilization != "auto":
+        return dataclasses.replace(mc, gpu_memory_utilization=spec.gpu_memory_utilization), "set in the config"
+    share, why = auto_memory_share(path, engine_dtype(mc), spec.max_model_len, spec.scaling.gpus)
+    return dataclasses.replace(mc, gpu_memory_utilization=share), f"auto: {why}"
+
+
 def llm_config(spec: ModelSpec, model_id: str, path: str):
     """ray.serve.llm's LLMConfig for a deployed model: cotd's engine settings for this machine
-    (dtype, CPU binding), Serve autoscaling, and on CPU a CPU accelerator and bundle (without
-    them the deployment waits for GPUs)."""
+    (dtype, memory share, CPU binding), Serve autoscaling, and on CPU a CPU accelerator and bundle
+    (without them the deployment waits for GPUs)."""
     from ray.serve.llm import LLMConfig
 
-    from jobs.common.engine import ModelConfig, cpu_binding_env, engine_kwargs
+    from jobs.common.engine import cpu_binding_env, engine_kwargs
 
-    gpu = spec.scaling.gpus > 0
-    mc = ModelConfig(model=path, use_gpu=gpu, dtype=spec.dtype, max_model_len=spec.max_model_len,
-                     gpu_memory_utilization=spec.gpu_memory_utilization, engine_kwargs=dict(spec.engine_kwargs))
+    mc, _ = engine_config(spec, path)
+    gpu = mc.use_gpu
     kw: dict[str, Any] = {"model_loading_config": {"model_id": model_id, "model_source": path},
                           "engine_kwargs": engine_kwargs(mc), "deployment_config": spec.scaling.deployment_config()}
     env = cpu_binding_env(mc)
@@ -694,6 +707,15 @@ def build_app(cfg: ServeConfig, log=lambda *_: None):
 
     router_cfg = {"serve": to_dict(cfg), "student_prompt": student["prompt"], "teacher_prompt": teacher["prompt"],
                   "student_path": student["path"], "calibration": calibration}
+    shares = {}
+    for role, spec, resolved in (("student", cfg.student, student), ("teacher", cfg.teacher, teacher)):
+        if resolved["path"] is not None:
+            mc, why = engine_config(spec, resolved["path"])
+            shares[role] = 0.0 if mc.use_gpu else mc.gpu_memory_utilization
+            log(f"{role}: gpu_memory_utilization {mc.gpu_memory_utilization:g} ({why})")
+    if sum(shares.values()) > 0.9:
+        log(f"warning: on one machine the CPU engines' memory shares add up to {sum(shares.values()):.2f} of its RAM "
+            "(student.gpu_memory_utilization + teacher.gpu_memory_utilization): both fit only on separate nodes")
     student_app = build_llm_deployment(llm_config(cfg.student, STUDENT_ID, student["path"]), name_prefix=deployment_prefix("student"))
     teacher_app = None
     if cfg.teacher.base_url:

@@ -47,7 +47,9 @@ class ModelSpec:
     retries: int = doc("endpoint: retries on connection errors, 429 and 5xx", 2)
     max_model_len: int = doc("engine context length (prompt + output)", 2048)
     dtype: str = doc("engine dtype; auto: as for generation's teacher", "auto")
-    gpu_memory_utilization: float = doc(MEMORY_SHARE_DOC, 0.2)
+    gpu_memory_utilization: float | Literal["auto"] = doc(
+        MEMORY_SHARE_DOC + "; auto: sized from the model (CPU: its weights, vLLM's runtime and a KV cache for 8 "
+        "sequences of max_model_len, as a share of the machine's RAM; GPU: 0.9 of the GPU share)", "auto")
     engine_kwargs: dict[str, Any] = doc("further vLLM engine arguments", {})
     scaling: Scaling = doc("replicas and their resources", Scaling())
     format: Literal["pre", "post", "adaptive"] | None = doc("the CoT format it is prompted for (null: as trained, else pre)", None)
@@ -60,6 +62,8 @@ class ModelSpec:
             raise ValueError("an endpoint (base_url) needs the model name it serves: set model or served_model")
         if self.timeout_s <= 0 or self.retries < 0:
             raise ValueError(f"timeout_s must be > 0 and retries >= 0, got {self.timeout_s}, {self.retries}")
+        if self.gpu_memory_utilization != "auto" and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be auto or in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)

@@ -55,16 +55,16 @@ def deploy_error(error: RuntimeError, cfg: ServeConfig, log) -> Exception:
     CPU whose vLLM engine did not start gets the memory-share error of jobs.common.engine (Serve
     retries the replica, then names the deployment; vLLM's reason is in the log above). Any other
     failure is returned as it is."""
-    from jobs.common.engine import ModelConfig, engine_dtype, engine_start_error
-    from serve.app import deployment_prefix, resolve_spec
+    from jobs.common.engine import engine_dtype, engine_start_error
+    from serve.app import deployment_prefix, engine_config, resolve_spec
 
     for role in ("student", "teacher"):
         spec = getattr(cfg, role)
         if spec.base_url is None and spec.scaling.gpus == 0 and f"'{deployment_prefix(role)}" in str(error):
             path = resolve_spec(spec, log)["path"]
-            dtype = engine_dtype(ModelConfig(model=path, dtype=spec.dtype))
+            mc, _ = engine_config(spec, path)
             return engine_start_error(f"serve: the {role}'s deployment", f"{role}.gpu_memory_utilization",
-                                      spec.model or spec.run, path, dtype, spec.gpu_memory_utilization)
+                                      spec.model or spec.run, path, engine_dtype(mc), mc.gpu_memory_utilization)
     return error
 
 

@@ -225,17 +225,56 @@ def engine_start_error(what: str, key: str, model: str, path: str | None, dtype:
                      f"memory for kv' and to reduce other processes' memory, but the share is what to raise.{suggest}")
 
 
-def weights_gib(path: str | None, dtype: str) -> float | None:
-    """The weights' size in `dtype`, from a local model folder's config.json (None: no folder)."""
+def _model_config(path: str | None) -> dict[str, Any] | None:
     config = Path(path or "") / "config.json"
     if not path or not config.is_file():
         return None
     import json
 
+    return json.loads(config.read_text())
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "float": 4}.get(dtype, 2)
+
+
+def weights_gib(path: str | None, dtype: str) -> float | None:
+    """The weights' size in `dtype`, from a local model folder's config.json (None: no folder)."""
     from jobs.cluster.plan import param_count
 
-    size = {"float32": 4, "float": 4}.get(dtype, 2)
-    return param_count(json.loads(config.read_text())) * size / (1 << 30)
+    config = _model_config(path)
+    return None if config is None else param_count(config) * _dtype_bytes(dtype) / (1 << 30)
+
+
+def kv_gib_per_sequence(path: str | None, dtype: str, max_model_len: int) -> float | None:
+    """The KV cache one sequence of `max_model_len` tokens takes (keys and values of every layer)."""
+    config = _model_config(path)
+    if config is None:
+        return None
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 2 * _dtype_bytes(dtype)
+    return per_token * max_model_len / (1 << 30)
+
+
+def auto_memory_share(path: str | None, dtype: str, max_model_len: int, gpus: float = 0.0,
+                      ram_bytes: int | None = None, sequences: int = 8) -> tuple[float, str]:
+    """`gpu_memory_utilization: auto` for a served model, and how it was sized. On a GPU: vLLM's
+    0.9 of the share of the GPU the replica holds. On a CPU: the weights, the upper end of vLLM's
+    measured runtime (CPU_RUNTIME_GIB) and a KV cache for `sequences` sequences of max_model_len,
+    as a share of this machine's RAM rounded up to 0.05 (0.2 when the weights' size is unknown)."""
+    if gpus > 0:
+        return round(0.9 * min(gpus, 1.0), 2), f"0.9 of the {min(gpus, 1.0):g} GPU the replica holds"
+    gib = 1 << 30
+    ram = (ram_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / gib
+    weights, kv = weights_gib(path, dtype), kv_gib_per_sequence(path, dtype, max_model_len)
+    if weights is None or kv is None:
+        return 0.2, "the weights' size is unknown"
+    need = weights + CPU_RUNTIME_GIB[1] + sequences * kv
+    share = min(0.9, max(0.05, math.ceil(need / ram * 20 - 1e-9) / 20))
+    return share, (f"{need:.1f} GiB of this machine's {ram:.1f} GiB: weights {weights:.1f} GiB in {dtype}, runtime "
+                   f"{CPU_RUNTIME_GIB[1]:g} GiB, KV cache for {sequences} sequences of {max_model_len} tokens "
+                   f"{sequences * kv:.1f} GiB")
 
 
 def engine_kwargs(llm: ModelConfig) -> dict[str, Any]:

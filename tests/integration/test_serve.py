@@ -28,7 +28,8 @@ LEARNED = {"thresholds": {}, "samples": 3, "by_category": {},
 
 def serve_config(student_dir, teacher, calibration=None) -> ServeConfig:
     engine = {"max_model_len": 1024, "gpu_memory_utilization": 0.1, "scaling": {"cpus": 1}}
-    data = {"student": {"run": str(student_dir), **engine, "timeout_s": 60},
+    # the student's memory share is the serve default, sized from its model (auto)
+    data = {"student": {"run": str(student_dir), **engine, "gpu_memory_utilization": "auto", "timeout_s": 60},
             "teacher": {"model": str(teacher), **engine, "timeout_s": 8},
             "policy": {"kind": "confidence", "signal": "logprob", "threshold": 0.0, "calibration": calibration},
             "limits": {"max_tokens": 32, "max_prompt_tokens": 400}, "port": PORT, "name": "cotd-test",

@@ -470,3 +470,37 @@ def test_an_engine_that_did_not_start_on_a_cpu_names_its_memory_share(tmp_path):
     remote = build(ServeConfig, {"student": {"model": str(model)},
                                  "teacher": {"base_url": "http://127.0.0.1:9/v1", "served_model": "big"}})
     assert deploy_error(failed, remote, log=lambda *_: None) is failed  # an endpoint has no engine here
+
+
+def test_an_auto_memory_share_holds_the_model_its_runtime_and_a_kv_cache(tmp_path):
+    """`gpu_memory_utilization: auto` (the serve default): on a CPU, the weights, vLLM's measured
+    runtime and 8 sequences of KV cache as a share of RAM, so that a larger teacher given on the
+    command line gets a share that holds it; on a GPU, 0.9 of the GPU the replica holds."""
+    import json
+
+    from jobs.common.engine import auto_memory_share, kv_gib_per_sequence
+    from serve.app import engine_config
+
+    model = tmp_path / "qwen"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN_05B))
+    gib = 1 << 30
+    # 24 layers x 2 KV heads x 64 dims x (K, V) x 4 bytes = 24 KiB a token; 2048 tokens = 48 MiB
+    assert kv_gib_per_sequence(str(model), "float32", 2048) == pytest.approx(48 / 1024)
+    share, why = auto_memory_share(str(model), "float32", 2048, ram_bytes=24 * gib)
+    # 1.84 weights + 2.5 runtime + 0.375 KV = 4.7 GiB of 24: 0.196, rounded up to 0.2
+    assert share == 0.2 and "4.7 GiB of this machine's 24.0 GiB" in why
+    assert auto_memory_share(str(model), "float32", 2048, ram_bytes=8 * gib)[0] == 0.6
+    assert auto_memory_share(str(model), "float32", 2048, gpus=0.5) == (0.45, "0.9 of the 0.5 GPU the replica holds")
+    assert auto_memory_share(None, "float32", 2048) == (0.2, "the weights' size is unknown")
+
+    cfg = build(ServeConfig, {"student": {"model": str(model), "dtype": "float32"},
+                              "teacher": {"model": str(model), "gpu_memory_utilization": 0.5}})
+    mc, why = engine_config(cfg.student, str(model))
+    assert why.startswith("auto: ") and mc.gpu_memory_utilization == auto_memory_share(str(model), "float32", 2048)[0]
+    mc, why = engine_config(cfg.teacher, str(model))
+    assert (mc.gpu_memory_utilization, why) == (0.5, "set in the config")
+    with pytest.raises(ConfigError, match="auto or in"):
+        build(ServeConfig, {"student": "s", "teacher": {"model": "t", "gpu_memory_utilization": 1.5}})
+    with pytest.raises(ConfigError, match="expected one of"):
+        build(ServeConfig, {"student": "s", "teacher": {"model": "t", "gpu_memory_utilization": "half"}})
