@@ -179,7 +179,7 @@ def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
     messages = [message_text(i, m) for i, m in enumerate(messages)]
     if messages[-1]["role"] != "user":
         raise HTTPError(400, "the last message must be the user's")
-    model = given(body, "model", HYBRID)
+    model = body.get("model") or HYBRID  # null or "" (some clients send one): the routed model
     if model not in models:
         raise HTTPError(404, f"model {model!r} is not served here; models: {', '.join(sorted(models))}", "not_found_error")
     for key in ("tools", "functions"):
@@ -204,7 +204,7 @@ def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
     if top_p < 1:
         sampling["top_p"] = float(top_p)
     stop = given(body, "stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
+    stop = ([stop] if stop else []) if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
         raise HTTPError(400, f"stop must be a string or a list of at most 4 non-empty strings, got {body.get('stop')!r}")
     if stop:

@@ -287,7 +287,7 @@ def test_requests_as_other_openai_clients_write_them_are_read():
     chunk's option, as SDKs and frameworks other than the openai client send them."""
     from serve.app import check_request
 
-    req = check_request({"model": None, "messages": [
+    req = check_request({"model": "", "messages": [
         {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
         {"role": "user", "content": [{"type": "text", "text": "2+2?"}, {"type": "text", "text": "Answer only."}]}],
         "max_tokens": None, "max_completion_tokens": 20, "temperature": None, "n": None, "top_p": 0.9, "stop": "###",
@@ -296,6 +296,9 @@ def test_requests_as_other_openai_clients_write_them_are_read():
     assert req["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?\nAnswer only."}]
     assert (req["model"], req["max_tokens"], req["temperature"], req["question"]) == ("cotd-hybrid", 20, 0.0, "2+2?\nAnswer only.")
     assert req["sampling"] == {"top_p": 0.9, "stop": ["###"]} and req["include_usage"] and req["stream"]
+    req = check_request({"model": None, "messages": [{"role": "user", "content": "hi"}], "stop": "", "top_p": 1},
+                        LimitsConfig(), {"cotd-hybrid"})
+    assert (req["model"], req["sampling"]) == ("cotd-hybrid", {})
 
 
 def test_the_student_is_prompted_as_it_was_trained():
