@@ -398,7 +398,16 @@ class HybridRouter:
             # known before the student is asked: the teacher's answer can stream as it is written
             return await self._teacher_reply(req, decision, None, started)
         k = p.samples if decision is None and votes(p.kind, p.signal, (self.calibration or {}).get("learned")) else 1
-        student = await self._student(req, k)
+        try:
+            student = await self._student(req, k)
+        except HTTPError as e:
+            if req["model"] != HYBRID or e.status < 500 or req["fallback"] != "student":
+                raise
+            # the student is down or slow: the teacher answers in its place, once (if it fails too, a 503)
+            logger.warning("cotd student unavailable: %s", e.message)
+            req["fallback"] = "error"
+            decision = Decision(TEACHER, "fallback:student_unavailable", p.kind, details={"error": e.message})
+            return await self._teacher_reply(req, decision, None, started)
         signals = Signals(question=req["question"], category=req["category"], answers=tuple(student["answers"]),
                           agreement=student["agreement"], token_confidence=student["token_confidence"])
         if decision is None:
@@ -429,6 +438,10 @@ class HybridRouter:
             resp = await asyncio.wait_for(self._first(self.student, body), self.cfg.student.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPError(503, f"the student did not answer within {self.cfg.student.timeout_s:g}s", "server_error") from None
+        except (HTTPError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # the replica died, the handle failed
+            raise HTTPError(503, f"the student failed: {type(e).__name__}: {e}", "server_error") from None
         finally:
             req["model_seconds"] += time.perf_counter() - t0
         choices = resp["choices"]
@@ -483,6 +496,8 @@ class HybridRouter:
                 fallback = Decision(STUDENT, "fallback:teacher_unavailable", decision.policy, decision.confidence,
                                     decision.threshold, {"escalation_reason": decision.reason, "error": why})
                 return self._reply(req, STUDENT, student[0], fallback, student[1], started)
+            if decision.reason == "fallback:student_unavailable":
+                raise HTTPError(503, f"{why}, and before it {decision.details['error']}", "server_error") from None
             raise HTTPError(503, f"{why}; no fallback is configured", "server_error") from None
 
     async def _teacher_call(self, req, messages) -> dict[str, Any]:

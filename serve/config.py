@@ -131,7 +131,8 @@ class ServeConfig:
     teacher: ModelSpec | str = doc("the teacher: a model reference to deploy, or a spec (an endpoint: base_url)")
     policy: PolicyConfig = doc("how queries are routed", PolicyConfig(threshold=0.5))
     fallback: Literal["student", "error"] = doc(
-        "when the teacher fails or times out: answer with the student's answer (marked fallback) or a 503", "student")
+        "when the teacher fails or times out: answer with the student's answer (marked fallback) or a 503; with "
+        "student, a routed query whose student fails or times out is answered by the teacher (marked)", "student")
     limits: LimitsConfig = doc("request limits", LimitsConfig())
     api_key_env: str | None = doc("environment variable holding the API key clients must send as Bearer (unset: open)",
                                   None)

@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from shared import wait_until
+
 from jobs.common.config import build
 from serve.config import ServeConfig
 
@@ -29,7 +31,7 @@ LEARNED = {"thresholds": {}, "samples": 3, "by_category": {},
 def serve_config(student_dir, teacher, calibration=None) -> ServeConfig:
     engine = {"max_model_len": 1024, "gpu_memory_utilization": 0.1, "scaling": {"cpus": 1}}
     # the student's memory share is the serve default, sized from its model (auto)
-    data = {"student": {"run": str(student_dir), **engine, "gpu_memory_utilization": "auto", "timeout_s": 60},
+    data = {"student": {"run": str(student_dir), **engine, "gpu_memory_utilization": "auto", "timeout_s": 20},
             "teacher": {"model": str(teacher), **engine, "timeout_s": 8},
             "policy": {"kind": "confidence", "signal": "logprob", "threshold": 0.0, "calibration": calibration},
             "limits": {"max_tokens": 32, "max_prompt_tokens": 400}, "port": PORT, "name": "cotd-test",
@@ -158,16 +160,42 @@ def test_api_key_is_enforced(server):
     assert r.status_code == 401
 
 
+def kill_replica(role: str) -> None:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA") and role in a["name"]]
+    assert names, f"no {role} replica to kill"
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+
+
+def test_student_down_is_answered_by_the_teacher(server):
+    """The student's replica is killed: until Serve brings it back, a routed query is answered by
+    the teacher, marked, after the student's timeout; with fallback error, a 503 naming the student."""
+    kill_replica("student")
+    t0 = time.time()
+    meta = ask()
+    assert time.time() - t0 < 50  # the student's 20 s timeout, then the teacher
+    assert (meta["answered_by"], meta["reason"]) == ("teacher", "fallback:student_unavailable")
+    assert "the student" in meta["details"]["error"]
+    r = httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": Q, "max_tokens": 8, "cotd": {"fallback": "error"}}, timeout=60)
+    assert r.status_code in (200, 503)  # 200: the replica came back in the meantime
+    if r.status_code == 503:
+        assert "the student" in r.json()["error"]["message"]
+
+    def student_back():
+        r = client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=4)
+        return r.model_extra["cotd"]["answered_by"] == "student"
+
+    wait_until(student_back, 240, "the student's replica came back")
+
+
 def test_teacher_down_falls_back_within_the_timeout(server):
     """Last: the teacher's replica is killed; until Serve brings it back, an escalated query, streamed
     or not, gets the student's answer, marked, within the teacher's timeout, or a 503 with fallback
     error."""
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA") and "teacher" in a["name"]]
-    assert names, "no teacher replica to kill"
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+    kill_replica("teacher")
     # streamed: a rule sends it to the teacher before the student is asked, and the fallback still holds
     t0 = time.time()
     chunks = list(client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=8, stream=True,
