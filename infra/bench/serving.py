@@ -62,7 +62,7 @@ def up(args, **over):
 
     engine = {"max_model_len": 1024, "gpu_memory_utilization": args.memory,
               "scaling": {"cpus": 1, "min_replicas": args.replicas, "max_replicas": args.replicas}}
-    data = {"student": {"run": args.student, **engine, "timeout_s": 60},
+    data = {"student": {"run": args.student, **engine, "timeout_s": getattr(args, "student_timeout", 60.0)},
             "teacher": {"model": args.teacher, **engine, "gpu_memory_utilization": args.teacher_memory,
                         "scaling": {"cpus": 1}},
             "policy": {"kind": "always_student"}, "port": PORT, "name": "cotd-bench", **over}
@@ -165,7 +165,7 @@ def load(args) -> None:
 
     up(args)
     body = {"model": "cotd-hybrid", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
-    stats = {"ok": 0, "errors": {}, "latency": [], "hung": 0}
+    stats = {"ok": 0, "errors": {}, "latency": [], "hung": 0, "by": {}}
     deadline = time.time() + args.seconds
     killed = {"at": None, "back": None}
 
@@ -177,6 +177,9 @@ def load(args) -> None:
                 if r.status_code == 200:
                     stats["ok"] += 1
                     stats["latency"].append(1000 * (time.perf_counter() - t0))
+                    meta = r.json()["cotd"]
+                    how = f"{meta['answered_by']} ({meta['reason']})"
+                    stats["by"][how] = stats["by"].get(how, 0) + 1
                 else:
                     stats["errors"][str(r.status_code)] = stats["errors"].get(str(r.status_code), 0) + 1
             except httpx.TimeoutException:
@@ -205,6 +208,7 @@ def load(args) -> None:
     lat = stats["latency"]
     print(f"{args.concurrency} concurrent clients for {args.seconds} s: {stats['ok']} answered ({stats['ok'] / wall:.2f} req/s), "
           f"errors {stats['errors'] or 0}, hung (no answer within {args.timeout} s) {stats['hung']}")
+    print("answered by: " + ", ".join(f"{how} {n}" for how, n in sorted(stats["by"].items())))
     if lat:
         print(f"latency p50 {percentile(lat, 50):.0f} ms, p90 {percentile(lat, 90):.0f} ms, p99 {percentile(lat, 99):.0f} ms")
     if killed["at"]:
@@ -260,6 +264,10 @@ def quality(args) -> None:
         print(f"plot: {args.plot}")
 
 
+def share(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="bench", required=True)
@@ -270,14 +278,16 @@ def main() -> None:
         p.add_argument("--replicas", type=int, default=1, help="student replicas")
         # on a CPU, the fraction of RAM an engine may use (weights, activations and KV cache): a
         # 135M model fits in 0.1 of 24 GiB, a 0.5B student with its LoRA adapter needs about 0.2
-        p.add_argument("--memory", type=float, default=0.2, help="the student engine's memory fraction")
-        p.add_argument("--teacher-memory", type=float, default=0.1, help="the teacher engine's memory fraction")
+        p.add_argument("--memory", type=share, default="auto", help="the student engine's memory share (auto: sized from it)")
+        p.add_argument("--teacher-memory", type=share, default="auto", help="the teacher engine's memory share")
     sub.choices["overhead"].add_argument("--requests", type=int, default=200)
     sub.choices["overhead"].add_argument("--warmup", type=int, default=20)
     lp = sub.choices["load"]
     lp.add_argument("--concurrency", type=int, default=8)
     lp.add_argument("--seconds", type=float, default=60)
     lp.add_argument("--timeout", type=float, default=120, help="a request with no answer by then counts as hung")
+    lp.add_argument("--student-timeout", type=float, default=60.0,
+                    help="student.timeout_s: a query whose student has not answered by then goes to the teacher")
     lp.add_argument("--kill-at", type=float, help="kill one student replica this many seconds in")
     q = sub.add_parser("quality")
     q.add_argument("--items", required=True, help="an evaluation's items/ folder")
