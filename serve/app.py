@@ -30,7 +30,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serve.config import ModelSpec, ServeConfig
 from serve.policies import STUDENT, TEACHER, Decision, Signals, decide, rule_decision, signal_value, votes
 
-logger = logging.getLogger("cotd.serve")
+# Serve writes what the "ray.serve" logger says in a replica to that replica's log file (and its stderr)
+logger = logging.getLogger("ray.serve")
 HYBRID, STUDENT_ID, TEACHER_ID = "cotd-hybrid", "cotd-student", "cotd-teacher"
 
 
@@ -566,7 +567,7 @@ class HybridRouter:
                     yield "data: [DONE]\n\n"
                     return
             meta = self._meta(TEACHER, decision, None, usage, started, warnings=req["warnings"])
-            self._record(TEACHER, decision, usage, started)
+            self._record(TEACHER, decision, usage, started, req, meta)
             yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"
             if req["include_usage"]:
                 yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
@@ -594,23 +595,24 @@ class HybridRouter:
                 "router_ms": None if model_seconds is None else round(1000 * (elapsed - model_seconds), 2),
                 "warnings": list(warnings)}
 
-    def _record(self, model: str, decision: Decision, usage: dict, started: float) -> None:
+    def _record(self, model: str, decision: Decision, usage: dict, started: float, req, meta) -> None:
+        """An answered request in the metrics and, as one JSON line, in the router's log."""
         self.m_requests.inc(tags={"model": model, "route": decision.policy})
         self.m_latency.observe(1000 * (time.perf_counter() - started), tags={"path": model})
         for kind in ("prompt_tokens", "completion_tokens"):
             if usage.get(kind):
                 self.m_tokens.inc(usage[kind], tags={"model": model, "kind": kind})
+        if meta["estimated_cost_usd"]:
+            self.m_cost.inc(meta["estimated_cost_usd"], tags={"model": model})
+        logger.info(json.dumps({"event": "cotd.request", "model": req["model"], **{k: meta[k] for k in (
+            "answered_by", "reason", "policy", "confidence", "threshold", "tokens", "estimated_cost_usd", "latency_ms")}}))
 
     def _reply(self, req, model: str, answer: dict[str, Any], decision: Decision, signals: Signals | None, started: float):
         """The chosen answer ({text, usage, finish_reason}) as a chat completion, or streamed in pieces
         with the metadata on the last chunk (and the usage after it when the client asked)."""
         text, usage, finish = answer["text"], answer["usage"], answer.get("finish_reason") or "stop"
         meta = self._meta(model, decision, signals, usage, started, req["model_seconds"], req["warnings"])
-        self._record(model, decision, usage, started)
-        if meta["estimated_cost_usd"]:
-            self.m_cost.inc(meta["estimated_cost_usd"], tags={"model": model})
-        logger.info(json.dumps({"event": "cotd.request", "model": req["model"], **{k: meta[k] for k in (
-            "answered_by", "reason", "policy", "confidence", "threshold", "tokens", "estimated_cost_usd", "latency_ms")}}))
+        self._record(model, decision, usage, started, req, meta)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": req["model"]}
         if req["stream"]:
             # the answer is chosen already: it streams now, in pieces, with the metadata last

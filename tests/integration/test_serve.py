@@ -7,6 +7,7 @@ whose replica is killed answered by the fallback within the timeout."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -158,6 +159,34 @@ def test_api_key_is_enforced(server):
         client("sk-wrong").chat.completions.create(messages=Q, model="cotd-hybrid", max_tokens=8)
     r = httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=30)
     assert r.status_code == 401
+
+
+def test_metrics_and_logs_record_every_answer(server):
+    """The router's counters reach Ray's Prometheus endpoint, and each answered request is one
+    JSON line in its log, a streamed teacher answer (a rule's) included."""
+    import json
+
+    import ray
+
+    client().chat.completions.create(model="cotd-hybrid", messages=Q, max_tokens=4, stream=True,
+                                     extra_body={"cotd": {"high_stakes": True}}).close()
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+
+    def exported():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [x for x in text.splitlines() if x.startswith(("ray_cotd_requests_total", "ray_cotd_escalations_total"))]
+        return lines if any('reason="rule:high_stakes_flag"' in x for x in lines) and any('model="student"' in x for x in lines) else None
+
+    assert wait_until(exported, 90, "the router's metrics reached Prometheus", every=5)
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+
+    def logged():
+        events = [json.loads(x[x.index("{"):]) for f in logs.glob("replica_cotd-test_router_*.log")
+                  for x in f.read_text().splitlines() if '"event": "cotd.request"' in x]
+        return [e for e in events if (e["answered_by"], e["reason"]) == ("teacher", "rule:high_stakes_flag")
+                and e["tokens"].get("completion_tokens")]
+
+    assert wait_until(logged, 30, "a streamed teacher answer in the router's log")
 
 
 def kill_replica(role: str) -> None:
