@@ -39,6 +39,8 @@ def deployment_prefix(role: str) -> str:
     """The prefix of a model deployment's name in Serve (`student:cotd-student`), by which
     serve.main.deploy_error also finds which deployment failed."""
     return f"{role}:"
+
+
 fastapi_app = FastAPI(title="cotd hybrid router")
 
 
@@ -142,6 +144,14 @@ def given(body: dict[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def number(body: dict[str, Any], key: str, default: float, ok, what: str) -> float:
+    """A numeric request field (null: the default), checked: HTTPError naming the field otherwise."""
+    value = given(body, key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+        raise HTTPError(400, f"{key} must be {what}, got {value!r}")
+    return float(value)
+
+
 def message_text(i: int, m: Any) -> dict[str, str]:
     """A chat message as the models read it: {role, content} with text content. A list of text
     parts is joined by newlines; other parts, tool turns and tool calls are refused."""
@@ -195,13 +205,9 @@ def check_request(body: Any, limits, models: set[str]) -> dict[str, Any]:
         raise HTTPError(400, f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {max_tokens!r}")
     if given(body, "n", 1) != 1:
         raise HTTPError(400, "n must be 1: the router returns one chosen answer")
-    temperature = given(body, "temperature", 0.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        raise HTTPError(400, f"temperature must be a number from 0 to 2, got {temperature!r}")
+    temperature = number(body, "temperature", 0.0, lambda x: 0 <= x <= 2, "a number from 0 to 2")
     sampling: dict[str, Any] = {}
-    top_p = given(body, "top_p", 1.0)
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-        raise HTTPError(400, f"top_p must be a number above 0 and at most 1, got {top_p!r}")
+    top_p = number(body, "top_p", 1.0, lambda x: 0 < x <= 1, "a number above 0 and at most 1")
     if top_p < 1:
         sampling["top_p"] = float(top_p)
     stop = given(body, "stop", [])
@@ -545,27 +551,31 @@ class HybridRouter:
         async def events():
             usage: dict[str, Any] = {}
             batch = first
-            while True:
-                for data in batch:
-                    if data.get("usage") and not data.get("choices"):
-                        usage = data["usage"]
-                        continue  # the usage chunk comes last, after the metadata
-                    data["model"] = req["model"]
-                    data.pop("usage", None)
-                    yield f"data: {json.dumps(data)}\n\n"
-                try:
-                    batch = await following()
-                except StopAsyncIteration:
-                    break
-                except (asyncio.TimeoutError, HTTPError) as e:
-                    gen.cancel()
-                    why = f"the teacher stopped answering for {timeout:g}s" if isinstance(e, asyncio.TimeoutError) \
-                        else f"the teacher failed mid-answer: {e.message}"
-                    logger.warning("cotd teacher stream ended: %s", why)
-                    self.m_errors.inc(tags={"status": "504"})
-                    yield f"data: {json.dumps({'error': {'message': why, 'type': 'server_error', 'code': 504}})}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+            try:
+                while True:
+                    for data in batch:
+                        if data.get("usage") and not data.get("choices"):
+                            usage = data["usage"]
+                            continue  # the usage chunk comes last, after the metadata
+                        data["model"] = req["model"]
+                        data.pop("usage", None)
+                        yield f"data: {json.dumps(data)}\n\n"
+                    try:
+                        batch = await following()
+                    except StopAsyncIteration:
+                        break
+            except (asyncio.TimeoutError, HTTPError) as e:
+                gen.cancel()
+                why = f"the teacher stopped answering for {timeout:g}s" if isinstance(e, asyncio.TimeoutError) \
+                    else f"the teacher failed mid-answer: {e.message}"
+                logger.warning("cotd teacher stream ended: %s", why)
+                self.m_errors.inc(tags={"status": "504"})
+                yield f"data: {json.dumps({'error': {'message': why, 'type': 'server_error', 'code': 504}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            except (GeneratorExit, asyncio.CancelledError):  # the client went away: the teacher stops too
+                gen.cancel()
+                raise
             meta = self._meta(TEACHER, decision, None, usage, started, warnings=req["warnings"])
             self._record(TEACHER, decision, usage, started, req, meta)
             yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"

@@ -88,7 +88,8 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
     the statistics drift is measured against. `target_share`: the router must reach this share of
     the teacher's accuracy with as few escalations as it can; `accuracy`: the same for an absolute
     accuracy floor; `budget`: the best accuracy within this share of escalated queries (one of the
-    three). A signal whose curve never reaches the floor gets no threshold."""
+    three). A signal whose curve never reaches the floor gets no threshold and is listed in
+    `unreached`."""
     if sum(t is not None for t in (target_share, budget, accuracy)) != 1:
         raise ValueError("calibrate to exactly one target: target_share, accuracy or budget")
     matched = pairs(items, student, teacher)
@@ -100,7 +101,7 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
     out: dict[str, Any] = {"n": len(matched), "student_accuracy": float(sc.mean()), "teacher_accuracy": float(tc.mean()),
                            "target": {"share": target_share, "accuracy": accuracy, "budget": budget,
                                       "floor": target["floor"]},
-                           "thresholds": {}, "learned": None}
+                           "thresholds": {}, "learned": None, "unreached": []}
     k = samples_of(matched)
     out["samples"] = k
     ks = sorted({int(s.get("samples") or 0) for s, _ in matched})
@@ -117,6 +118,8 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
         t = M.threshold_for(conf, right, tc, floor=target["floor"], budget=budget)
         if t is not None:
             out["thresholds"][signal] = t
+        else:
+            out["unreached"].append(signal)
     # the learned router reads agreement where the items have samples, and then serves their vote
     right = served(matched, learned_votes(k))
     categories = sorted({s.category for s in sigs if s.category})
@@ -129,6 +132,8 @@ def calibrate(items: list[dict[str, Any]], target_share: float | None = 0.95, bu
                           "rate": t["rate"], "accuracy": t["accuracy"], "samples": k,
                           "features": ["bias", "agreement", "token_confidence", "question_kchars"]
                           + [f"category={c}" for c in categories]}
+    else:
+        out["unreached"].append("learned")
     out["by_category"] = category_stats(matched, out)
     return out
 

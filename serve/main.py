@@ -110,11 +110,9 @@ def calibrate_items(items_dir: Path, out: Path, share: float | None = 0.95, budg
         f"{cal['teacher_accuracy']:.1%}")
     for warning in cal["warnings"]:
         log(f"warning: {warning}")
-    if cal["target"]["floor"] is not None:
-        missed = [s for s in ("agreement", "logprob") if s not in cal["thresholds"]] + ([] if cal["learned"] else ["learned"])
-        if missed:
-            log(f"  no threshold reaches accuracy {cal['target']['floor']:.1%} for {', '.join(missed)}"
-                " (the teacher's answers and the student's together do not get there): not calibrated")
+    if cal["unreached"]:
+        log(f"  no threshold reaches accuracy {cal['target']['floor']:.1%} for {', '.join(cal['unreached'])}"
+            " (the teacher's answers and the student's together do not get there): not calibrated")
     vote = f" (the student answers with the vote of {cal['samples']} samples: set policy.samples={cal['samples']})"
     for signal, t in cal["thresholds"].items():
         log(f"  {signal}: escalate below {t['threshold']:.4f} -> {t['rate']:.1%} escalated, accuracy {t['accuracy']:.1%}"

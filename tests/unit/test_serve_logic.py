@@ -73,7 +73,11 @@ def test_calibration_reaches_a_stated_share_of_the_teacher_with_the_fewest_escal
     # an absolute floor: 18 escalated (the teacher right on 16 of them) + the 20 the student gets right
     floor = calibrate(items(), target_share=None, accuracy=0.9)["thresholds"]["logprob"]
     assert (floor["rate"], floor["accuracy"]) == (0.45, 0.9)
-    assert calibrate(items(), target_share=None, accuracy=0.99)["thresholds"] == {}
+    unreachable = calibrate(items(), target_share=None, accuracy=0.99)
+    assert unreachable["thresholds"] == {} and unreachable["unreached"] == ["agreement", "logprob", "learned"]
+    # a signal the items do not carry is not "unreached": without samples there is no agreement
+    greedy = calibrate([dict(i, agreement=None, samples=0) for i in items()], target_share=None, accuracy=0.99)
+    assert greedy["unreached"] == ["logprob", "learned"]
     with pytest.raises(ValueError, match="exactly one target"):
         calibrate(items(), target_share=0.9, budget=0.2)
     with pytest.raises(ValueError, match="no held-out problem was answered by both"):
