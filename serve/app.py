@@ -577,7 +577,7 @@ class HybridRouter:
                 gen.cancel()
                 raise
             meta = self._meta(TEACHER, decision, None, usage, started, warnings=req["warnings"])
-            self._record(TEACHER, decision, usage, started, req, meta)
+            self._record(req, meta)
             yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'cotd': meta})}\n\n"
             if req["include_usage"]:
                 yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
@@ -605,10 +605,12 @@ class HybridRouter:
                 "router_ms": None if model_seconds is None else round(1000 * (elapsed - model_seconds), 2),
                 "warnings": list(warnings)}
 
-    def _record(self, model: str, decision: Decision, usage: dict, started: float, req, meta) -> None:
-        """An answered request in the metrics and, as one JSON line, in the router's log."""
-        self.m_requests.inc(tags={"model": model, "route": decision.policy})
-        self.m_latency.observe(1000 * (time.perf_counter() - started), tags={"path": model})
+    def _record(self, req, meta: dict[str, Any]) -> None:
+        """An answered request (its `cotd` metadata) in the metrics and, as one JSON line, in the
+        router's log."""
+        model, usage = meta["answered_by"], meta["tokens"]
+        self.m_requests.inc(tags={"model": model, "route": meta["policy"]})
+        self.m_latency.observe(meta["latency_ms"], tags={"path": model})
         for kind in ("prompt_tokens", "completion_tokens"):
             if usage.get(kind):
                 self.m_tokens.inc(usage[kind], tags={"model": model, "kind": kind})
@@ -622,7 +624,7 @@ class HybridRouter:
         with the metadata on the last chunk (and the usage after it when the client asked)."""
         text, usage, finish = answer["text"], answer["usage"], answer.get("finish_reason") or "stop"
         meta = self._meta(model, decision, signals, usage, started, req["model_seconds"], req["warnings"])
-        self._record(model, decision, usage, started, req, meta)
+        self._record(req, meta)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": req["model"]}
         if req["stream"]:
             # the answer is chosen already: it streams now, in pieces, with the metadata last

@@ -211,8 +211,7 @@ def engine_start_error(what: str, key: str, model: str, path: str | None, dtype:
                        ram_bytes: int | None = None) -> CotdError:
     """The error for a vLLM engine on a CPU that did not start: it names `key` (the memory share's
     config key), what the share gives, what the weights need, and the share to try."""
-    gib = 1 << 30
-    ram = (ram_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / gib
+    ram = ram_gib(ram_bytes)
     weights = weights_gib(path, dtype)
     need = (f"the weights ({weights:.1f} GiB in {dtype}) and vLLM's runtime (another "
             f"{CPU_RUNTIME_GIB[0]:g}-{CPU_RUNTIME_GIB[1]:g} GiB measured) before any KV cache" if weights is not None
@@ -236,6 +235,11 @@ def _model_config(path: str | None) -> dict[str, Any] | None:
 
 def _dtype_bytes(dtype: str) -> int:
     return {"float32": 4, "float": 4}.get(dtype, 2)
+
+
+def ram_gib(ram_bytes: int | None = None) -> float:
+    """`ram_bytes` (default: this machine's physical memory) in GiB."""
+    return (ram_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / (1 << 30)
 
 
 def weights_gib(path: str | None, dtype: str) -> float | None:
@@ -265,8 +269,7 @@ def auto_memory_share(path: str | None, dtype: str, max_model_len: int, gpus: fl
     as a share of this machine's RAM rounded up to 0.05 (0.2 when the weights' size is unknown)."""
     if gpus > 0:
         return round(0.9 * min(gpus, 1.0), 2), f"0.9 of the {min(gpus, 1.0):g} GPU the replica holds"
-    gib = 1 << 30
-    ram = (ram_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / gib
+    ram = ram_gib(ram_bytes)
     weights, kv = weights_gib(path, dtype), kv_gib_per_sequence(path, dtype, max_model_len)
     if weights is None or kv is None:
         return 0.2, "the weights' size is unknown"
